@@ -5,3 +5,41 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PREPARE = REPO / "mvlm_training_dataset_complete" / "prepare.py"
+# Enough for a tiny model to learn words: three full Bibles and one New Testament, five
+# books, three of them held out (Old and New Testament).
+SMALL_TRANSLATIONS = "KJV,WEB,ASV,MONT"
+SMALL_BOOKS = "Ruth,Jonah,Philippians,John,Mark"
+
+
+def run_script(*args, cwd=REPO, timeout=600, env=None):
+    """Run a repo script with this interpreter; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc, *needles):
+    """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A corpus built by the real builder, small enough for CPU tests."""
+    out = tmp_path_factory.mktemp("corpus")
+    proc = run_script(PREPARE, "--output_dir", out, "--translations", SMALL_TRANSLATIONS, "--books", SMALL_BOOKS)
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -1,0 +1,435 @@
+"""Enhanced SIM-ONE: a Llama-style decoder (RoPE, SwiGLU, RMSNorm) with three
+governance mechanisms, each a config switch:
+
+- policy  (`policy_gate`):   a learned sigmoid gate per attention head per token
+                              (see rope_attention.py);
+- memory  (`memory_tokens`): N learned embeddings placed before every sequence and
+                              attended under the ordinary causal mask (Burtsev et al.
+                              2020, arXiv 2006.11527). They get no logits, hence no loss,
+                              and sit at RoPE position 0 (i.e. unrotated), so real token t
+                              keeps position t whether memory is on or off. Generation
+                              prefills them once into the KV cache;
+- trace   (`forward(..., trace=True)`): a per-token record of the gates, the attention
+                              mass on memory, and a logit-lens top-k per layer.
+
+With `policy_gate=False` and `memory_tokens=0` the model is numerically a Llama model
+(same parameter names, see export_llama.py). Reads top to bottom: config, block, model,
+generation, trace helpers. Imports only torch and sibling files (trust_remote_code).
+"""
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modern_layers import RMSNorm, RotaryEmbedding, SwiGLU
+from .rope_attention import ATTENTION_BACKENDS, CausalSelfAttention, KVCache
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class SimOneConfig:
+    """Architecture and governance switches. `from_dict` rejects unknown keys."""
+
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None -> n_heads (no grouped-query attention)
+    ffn_hidden_dim: int | None = None  # None -> 8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 1024  # real tokens; memory tokens come on top
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    policy_gate: bool = True
+    memory_tokens: int = 8  # 0 = off
+    attention_backend: str = "sdpa"  # "sdpa" | "flash" (flash-attn on CUDA bf16/fp16 only)
+    init_std: float = 0.02
+    trace_top_k: int = 5  # logit-lens entries per layer in a trace
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden_dim is None:
+            self.ffn_hidden_dim = 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim",
+                     "max_seq_len", "trace_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim d_model/n_heads ({self.head_dim}) must be even for RoPE")
+        if self.memory_tokens < 0:
+            raise ValueError(f"memory_tokens must be >= 0 (0 = off), got {self.memory_tokens}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SimOneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SimOneConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_type(name: str, value, hint) -> None:
+    """Reject e.g. d_model="768" or policy_gate=1 with a one-line message."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    ok = any(
+        (t is type(None) and value is None)
+        or (t is bool and isinstance(value, bool))
+        or (t is int and isinstance(value, int) and not isinstance(value, bool))
+        or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (t is str and isinstance(value, str))
+        for t in allowed
+    )
+    if not ok:
+        raise ValueError(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
+
+
+_PRESETS = {
+    # CPU smoke runs: ~0.7M non-embedding parameters, a training step takes well under a second.
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_dim=384, max_seq_len=256),
+    # GPT-2 small scale: ~85M non-embedding parameters (GPT-2 small: ~85M).
+    "small": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_hidden_dim=2048, max_seq_len=1024),
+    # ~304M non-embedding parameters.
+    "medium": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden_dim=2752, max_seq_len=1024),
+}
+
+
+def preset_config(name: str, vocab_size: int = 32000, **overrides) -> SimOneConfig:
+    """A named architecture ("tiny", "small", "medium"); `overrides` replace any field."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+    return SimOneConfig.from_dict({**_PRESETS[name], "vocab_size": vocab_size, **overrides})
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with Llama's parameter names."""
+
+    def __init__(self, config: SimOneConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = CausalSelfAttention(
+            config.d_model, config.n_heads, config.n_kv_heads, layer_idx,
+            policy_gate=config.policy_gate, attention_backend=config.attention_backend,
+        )
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.ffn_hidden_dim)
+
+    def forward(self, x, cos, sin, cache=None, n_memory=0, record=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, n_memory, record)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class SimOneOutput:
+    """What `SimOneModel.forward` returns; every tensor covers the real tokens only.
+
+    logits:        (B, T, V)
+    hidden_states: (B, T, D) final-normed hidden states (input of the LM head)
+    cache:         the KVCache passed in (now advanced), or None
+    trace:         dict of tensors (see SimOneModel.forward), or None
+    """
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    cache: KVCache | None = None
+    trace: dict | None = None
+
+
+@dataclass
+class GenerationResult:
+    """tokens: (B, T_prompt + n_new), the prompt included. trace: as in forward, over
+    the T_prompt + n_new - 1 positions that were fed to the model (position t records
+    the step that predicted token t + 1), or None when not asked for."""
+
+    tokens: torch.Tensor
+    trace: dict | None = None
+
+
+class SimOneModel(nn.Module):
+    """Decoder-only language model; loss is computed outside (the trainer owns it)."""
+
+    def __init__(self, config: SimOneConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.memory_embeddings = (
+            nn.Parameter(torch.zeros(config.memory_tokens, config.d_model)) if config.memory_tokens else None
+        )
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        # Tied: logits reuse the embedding matrix directly (no shared Parameter to untangle
+        # in safetensors or in HF's tying logic).
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.apply(self.init_module)
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module) -> None:
+        """GPT-2 style init: N(0, init_std), residual projections N(0, init_std / sqrt(2 L))."""
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            module.reset_tables()
+        elif isinstance(module, SimOneModel) and module.memory_embeddings is not None:
+            nn.init.normal_(module.memory_embeddings, mean=0.0, std=std)
+
+    # ------------------------------------------------------------------ accounting
+
+    def count_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding drops the vocabulary matrices (input embedding,
+        untied LM head) and the memory embeddings, as in Kaplan et al. 2020."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.embed_tokens.weight.numel()
+            if self.lm_head is not None:
+                total -= self.lm_head.weight.numel()
+            if self.memory_embeddings is not None:
+                total -= self.memory_embeddings.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, DESIGN.md's MFU formula: 6 N + 12 L d T."""
+        c = self.config
+        return 6 * self.count_parameters(non_embedding=True) + 12 * c.n_layers * c.d_model * seq_len
+
+    # ------------------------------------------------------------------ forward
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        """An empty KV cache for up to `max_tokens` real tokens (memory slots added)."""
+        return KVCache(self.config.n_layers, self.config.memory_tokens + max_tokens)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        trace: bool = False,
+        trace_top_k: int | None = None,
+    ) -> SimOneOutput:
+        """input_ids (B, T) -> SimOneOutput with logits (B, T, V) for the real tokens.
+
+        cache: a KVCache from `new_cache`; the tokens are appended to it. On an empty
+            cache (and always without one) the memory tokens are prepended; afterwards
+            they live in the cache.
+        trace: also return a dict of detached tensors, L = n_layers, k = top-k:
+            "policy_gate"    (L, B, T, H)  gate per head (only when policy_gate)
+            "memory_mass"    (L, B, T, H)  attention probability on memory tokens
+                                           (only when memory_tokens > 0)
+            "lens_top_ids"   (L, B, T, k)  logit lens: final norm + LM head applied to
+            "lens_top_probs" (L, B, T, k)  each layer's residual stream, top-k softmax
+        Tracing only reads activations; the logits are identical with it on or off.
+        """
+        B, T = input_ids.shape
+        n_mem = self.config.memory_tokens
+        start = cache.length if cache is not None else 0
+        prepend = n_mem if start == 0 else 0  # memory rows in this call's sequence
+        first_pos = start - n_mem if start > 0 else 0  # RoPE position of input_ids[:, 0]
+
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rope(first_pos, T)  # (T, hd)
+        if prepend:
+            memory = self.memory_embeddings.to(x.dtype).expand(B, -1, -1)  # (N, D) -> (B, N, D)
+            x = torch.cat((memory, x), dim=1)  # (B, N + T, D)
+            # Position 0 for every memory token: the rotation is the identity there.
+            cos = torch.cat((self.rope.cos[:1].expand(n_mem, -1), cos))  # (N + T, hd)
+            sin = torch.cat((self.rope.sin[:1].expand(n_mem, -1), sin))
+
+        records = [{} for _ in self.layers] if trace else None
+        lens = [] if trace else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, n_mem, records[i] if trace else None)
+            if trace:
+                lens.append(self._logit_lens(x[:, prepend:], trace_top_k or self.config.trace_top_k))
+        if cache is not None:
+            cache.advance(x.shape[1])
+
+        hidden = self.norm(x[:, prepend:])  # (B, T, D): real tokens only
+        logits = self.logits(hidden)
+        trace_out = self._collect_trace(records, lens, prepend) if trace else None
+        return SimOneOutput(logits=logits, hidden_states=hidden, cache=cache, trace=trace_out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed hidden states (B, T, D) -> (B, T, V)."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def _logit_lens(self, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.logits(self.norm(residual)).float().softmax(dim=-1)  # (B, T, V)
+        top = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        return top.indices, top.values  # each (B, T, k)
+
+    @staticmethod
+    def _collect_trace(records: list[dict], lens: list, prepend: int) -> dict:
+        """Stack per-layer records into (L, B, T, ...) tensors, dropping memory rows."""
+        out = {}
+        for key in ("policy_gate", "memory_mass"):
+            if key in records[0]:
+                out[key] = torch.stack([r[key][:, prepend:] for r in records])
+        out["lens_top_ids"] = torch.stack([ids for ids, _ in lens])
+        out["lens_top_probs"] = torch.stack([p for _, p in lens])
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        trace: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
+        """Continue equal-length prompts input_ids (B, T) by up to max_new_tokens tokens.
+
+        temperature 0 is greedy decoding. top_k / top_p filter the sampling
+        distribution; repetition_penalty > 1 discourages tokens already in the
+        sequence (CTRL, Keskar et al. 2019). A row that emits eos_token_id keeps
+        emitting it; generation stops early once every row has. With use_cache the
+        memory tokens and the prompt are prefilled once, then one token per step.
+        """
+        _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({self.config.max_seq_len})"
+            )
+        cache = self.new_cache(T + max_new_tokens) if use_cache else None
+        tokens = input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        traces = []
+
+        out = self(input_ids, cache=cache, trace=trace)
+        for step in range(max_new_tokens):
+            if trace:  # without a cache the whole sequence is re-run: keep only the new positions
+                traces.append(out.trace if use_cache or step == 0 else _slice_trace(out.trace, -1))
+            next_token = sample_next_token(
+                out.logits[:, -1], tokens, temperature, top_k, top_p, repetition_penalty, generator
+            )
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(finished, eos_token_id)
+                finished |= next_token == eos_token_id
+            tokens = torch.cat((tokens, next_token[:, None]), dim=1)  # (B, S + 1)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            out = self(next_token[:, None], cache=cache, trace=trace) if use_cache else self(tokens, trace=trace)
+
+        merged = {key: torch.cat([t[key] for t in traces], dim=2) for key in traces[0]} if traces else None
+        return GenerationResult(tokens=tokens, trace=merged)
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    previous: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from logits (B, V) given the tokens so far (B, S) -> (B,)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, previous)  # (B, S)
+        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+        logits = logits.scatter(1, previous, seen)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# --------------------------------------------------------------------------- trace helpers
+
+
+def _slice_trace(trace: dict, start: int) -> dict:
+    return {key: value[:, :, start:] for key, value in trace.items()}
+
+
+TRACE_LAYOUT = {
+    "policy_gate": "layer, batch, position, head",
+    "memory_mass": "layer, batch, position, head",
+    "lens_top_ids": "layer, batch, position, rank",
+    "lens_top_probs": "layer, batch, position, rank",
+}
+
+
+def trace_to_jsonable(trace: dict, decimals: int = 5) -> dict:
+    """A trace (from forward or generate) as plain lists, ready for json.dump.
+
+    Adds "layout" naming each array's axes. Probabilities and gates are rounded to
+    `decimals` places to keep reports small.
+    """
+    out = {"layout": {key: TRACE_LAYOUT[key] for key in trace}}
+    for key, value in trace.items():
+        value = value.detach().cpu()
+        out[key] = value.tolist() if not value.is_floating_point() else value.float().round(decimals=decimals).tolist()
+    return out

@@ -1,0 +1,112 @@
+"""Building blocks shared by every SIM-ONE layer: RMSNorm, rotary embeddings, SwiGLU.
+
+Each one follows the Hugging Face Llama implementation exactly (same parameter
+names, same rotate-half RoPE convention, same fp32 norm statistics), so that with
+the governance mechanisms off a SIM-ONE checkpoint *is* a Llama checkpoint and the
+export needs no weight permutation.
+
+This file imports only torch: the modelling files are copied next to a saved model
+and loaded by `trust_remote_code`, so they may not import anything from this repo.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), statistics in fp32.
+
+    Same arithmetic as `LlamaRMSNorm`: normalise in fp32, cast back to the input
+    dtype, then scale, so bf16 autocast runs match the reference model.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables (Su et al. 2021), Llama's rotate-half layout.
+
+    `cos`/`sin` have shape (max_positions, head_dim) and stay in fp32 whatever the
+    model dtype: bf16 angles lose precision at large positions. They are
+    non-persistent buffers (never saved; rebuilt from the config), so `.to(device)`
+    moves them with the model.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.theta = theta
+        cos, sin = self._tables(torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same expression as LlamaRotaryEmbedding.compute_default_rope_parameters.
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)                       # (hd/2,)
+        positions = torch.arange(self.max_positions, dtype=torch.float, device=device)
+        freqs = torch.outer(positions, inv_freq)                         # (P, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                          # (P, hd): rotate-half layout
+        return emb.cos(), emb.sin()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Recompute the tables in place (used after meta-device construction by HF loading)."""
+        cos, sin = self._tables(self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start .. start+length-1 -> cos, sin each (length, head_dim), fp32."""
+        if start + length > self.max_positions:
+            raise ValueError(
+                f"position {start + length - 1} is beyond max_seq_len ({self.max_positions}); "
+                "shorten the input or raise max_seq_len"
+            )
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, S, hd) by cos/sin (S, hd); the arithmetic runs in fp32.
+
+    Under bf16 autocast the projections come out in bf16 while the tables are fp32;
+    rotating in fp32 and casting back keeps q, k and v in one dtype for attention.
+    In fp32 the casts are no-ops.
+    """
+    dtype = x.dtype
+    x = x.float()
+    return (x * cos + rotate_half(x) * sin).to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP (Shazeer 2020): down(silu(gate(x)) * up(x)), no biases, Llama names."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.down_proj.is_residual_projection = True  # init scaled by 1/sqrt(2 * n_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

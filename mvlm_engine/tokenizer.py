@@ -1,0 +1,102 @@
+"""Byte-level BPE tokenizers trained on the corpus with the Rust `tokenizers` library.
+
+Saved as tokenizer.json (never pickled). Byte-level BPE round-trips any text exactly,
+spaces and newlines included. A trained tokenizer is cached by (corpus hash, settings),
+so the two trainers and reruns do not retrain it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .corpus import Corpus
+from .errors import UserError
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """Content hash of a tokenizer: the same vocabulary and merges give the same hash."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, tokenizer.to_str())
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer file {path} does not exist")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises a plain Exception on bad JSON
+        raise UserError(f"{path} is not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
+
+
+def train_bpe(texts, vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 pre-tokenization) on an iterator of documents."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=[EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def get_or_train_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> tuple[Tokenizer, Path]:
+    """Load the cached tokenizer for this corpus and settings, or train and cache it."""
+    settings = json.dumps({"vocab_size": vocab_size, "algorithm": "byte-level-bpe-v1"}, sort_keys=True)
+    key = f"{corpus.hash[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+    path = cache_dir / "tokenizers" / key / "tokenizer.json"
+    if path.is_file():
+        return load_tokenizer(path), path
+    tokenizer = train_bpe(corpus.documents("train"), vocab_size)
+    save_tokenizer(tokenizer, path)
+    return tokenizer, path
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    token_id = tokenizer.token_to_id(EOS_TOKEN)
+    if token_id is None:
+        raise UserError(f"the tokenizer has no {EOS_TOKEN} token; retrain it with this project")
+    return token_id
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens): exact bits per byte.
+
+    Every character of a byte-level BPE token is one of 256 stand-ins for one byte.
+    """
+    lengths = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    specials = {tok.content for tok in tokenizer.get_added_tokens_decoder().values() if tok.special}
+    for token, idx in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token not in specials:
+            lengths[idx] = len(token)
+    return lengths
+
+
+def hf_tokenizer(tokenizer_file: str | Path, model_max_length: int):
+    """Wrap a tokenizer.json as a transformers PreTrainedTokenizerFast with bos/eos/pad set."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token=EOS_TOKEN,
+                                   eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+                                   model_max_length=model_max_length)

@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Build the public-domain Bible corpus from the pythonbible translation packages.
+
+    python3 mvlm_training_dataset_complete/prepare.py                      # default build
+    python3 mvlm_training_dataset_complete/prepare.py --translations KJV,WEB --books Ruth,John
+
+Output (deterministic: a second build gives byte-identical files):
+    <out>/<CODE>/<NN>_<Book>.txt   one file per book; a header line naming the translation,
+                                   then one verse per line: "[KJV] John 3:16 For God so ..."
+    <out>/verses.jsonl             one JSON object per verse (translation, book, chapter, verse,
+                                   split, text); the parallel pairs for content alignment
+    <out>/manifest.json            files with sha256/bytes/chars/split, translations used and why,
+                                   the held-out books
+
+The held-out split is whole books, the same in every translation, with Old and New
+Testament books, so the validation loss is not flattered by the same verse in another wording.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from importlib import import_module
+from pathlib import Path
+
+from mvlm_engine.corpus import BUILD_MARKER, MANIFEST_NAME, VERSES_NAME, fsync_dir
+from mvlm_engine.errors import UserError, fail, user_errors_exit
+
+# Whole books held out of training in every translation: three Old Testament, two New.
+HELD_OUT_BOOKS = ("Ruth", "Ecclesiastes", "Jonah", "Philippians", "Colossians")
+
+PUBLIC_DOMAIN = "public domain"
+# code -> (licence status, why). Only clearly public-domain texts are in the default build.
+TRANSLATIONS: dict[str, tuple[str, str]] = {
+    "KJV": (PUBLIC_DOMAIN, "1769 Oxford text; public domain outside the UK (Crown patent there)"),
+    "AKJV": (PUBLIC_DOMAIN, "American King James Version (1999), dedicated to the public domain by its author"),
+    "ASV": (PUBLIC_DOMAIN, "American Standard Version, 1901"),
+    "BBE": (PUBLIC_DOMAIN, "Bible in Basic English (1949/1964), public domain in the United States"),
+    "DAR": (PUBLIC_DOMAIN, "Darby translation, 1890"),
+    "Diaglot": (PUBLIC_DOMAIN, "Emphatic Diaglott New Testament, 1865"),
+    "DR": (PUBLIC_DOMAIN, "Douay-Rheims, Challoner revision 1752 / 1899 American edition"),
+    "ROTH": (PUBLIC_DOMAIN, "Rotherham's Emphasized Bible, 1902"),
+    "GB": (PUBLIC_DOMAIN, "Geneva Bible, 1599"),
+    "LEESER": (PUBLIC_DOMAIN, "Leeser Old Testament, 1853"),
+    "LONT": (PUBLIC_DOMAIN, "Living Oracles New Testament, 1835"),
+    "MONT": (PUBLIC_DOMAIN, "Montgomery New Testament, 1924; US copyright expired in 2020"),
+    "NHEB": (PUBLIC_DOMAIN, "New Heart English Bible, dedicated to the public domain"),
+    "OEB": (PUBLIC_DOMAIN, "Open English Bible, dedicated to the public domain (CC0)"),
+    "ETHERIDGE": (PUBLIC_DOMAIN, "Etheridge's Peshitta New Testament, 1849"),
+    "RWEBSTER": (PUBLIC_DOMAIN, "Revised Webster version, 1833"),
+    "UKJV": (PUBLIC_DOMAIN, "Updated King James Version (2000), dedicated to the public domain by its author"),
+    "WBS": (PUBLIC_DOMAIN, "Webster Bible, 1833"),
+    "WESLEY": (PUBLIC_DOMAIN, "Wesley's New Testament, 1755"),
+    "WMTH": (PUBLIC_DOMAIN, "Weymouth New Testament, 1903"),
+    "TYN": (PUBLIC_DOMAIN, "Tyndale Bible, 1526-1530"),
+    "WEB": (PUBLIC_DOMAIN, "World English Bible, dedicated to the public domain"),
+    "WYC": (PUBLIC_DOMAIN, "Wycliffe Bible, 14th century"),
+    "YLT": (PUBLIC_DOMAIN, "Young's Literal Translation, 1862/1898"),
+    "BWE": ("free to copy, not public domain", "Bible in WorldWide English NT (SOON Educational Publications)"),
+    "MKJV1963": ("status not verified", "Green's Modern KJV 1963; public-domain status could not be confirmed"),
+    "RYLT": ("status not verified", "Revised Young's Literal NT; public-domain status could not be confirmed"),
+}
+DEFAULT_TRANSLATIONS = tuple(code for code, (status, _) in TRANSLATIONS.items() if status == PUBLIC_DOMAIN)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent,
+                        help="where the corpus is written (default: this folder)")
+    parser.add_argument("--translations", default="default",
+                        help="comma-separated codes (e.g. KJV,WEB), 'default' (the clearly public-domain "
+                             f"ones: {len(DEFAULT_TRANSLATIONS)}) or 'all' ({len(TRANSLATIONS)})")
+    parser.add_argument("--books", default="all",
+                        help="comma-separated book names to limit the build (e.g. Ruth,John,Philippians); "
+                             "'all' by default")
+    return parser.parse_args(argv)
+
+
+def resolve_selection(args: argparse.Namespace) -> tuple[list[str], set[str] | None]:
+    """Check the requested translations and books; collect every problem into one error."""
+    import pythonbible
+
+    errors = []
+    if args.translations == "default":
+        codes = list(DEFAULT_TRANSLATIONS)
+    elif args.translations == "all":
+        codes = list(TRANSLATIONS)
+    else:
+        by_upper = {code.upper(): code for code in TRANSLATIONS}
+        codes = []
+        for name in filter(None, (n.strip() for n in args.translations.split(","))):
+            if name.upper() in by_upper:
+                codes.append(by_upper[name.upper()])
+            else:
+                errors.append(f"unknown translation '{name}' (known: {', '.join(TRANSLATIONS)})")
+        if not codes and not errors:
+            errors.append("--translations is empty")
+    books = None
+    if args.books != "all":
+        titles = {book.title.lower(): book.title for book in pythonbible.Book}
+        books = set()
+        for name in filter(None, (n.strip() for n in args.books.split(","))):
+            if name.lower() in titles:
+                books.add(titles[name.lower()])
+            else:
+                errors.append(f"unknown book '{name}' (use names like 'John', '1 Samuel', 'Song of Songs')")
+        if not books and not errors:
+            errors.append("--books is empty")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        errors.append(f"--output_dir {args.output_dir} is a file, not a folder")
+    fail(errors)
+    return sorted(dict.fromkeys(codes), key=list(TRANSLATIONS).index), books
+
+
+def load_bible(code: str):
+    """The pythonbible plain-text Bible object for one translation package."""
+    try:
+        return import_module(f"pythonbible_{code.lower()}.plain_text_readers_bible").bible
+    except ModuleNotFoundError:
+        raise UserError(f"translation package pythonbible-{code.lower()} is not installed; "
+                        "run ./setup_environment.sh (or pip install -r requirements.txt)") from None
+
+
+def clean_verse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def build_translation(code: str, books: set[str] | None) -> dict[str, list[tuple[int, int, str]]]:
+    """Return {book title: [(chapter, verse, text), ...]} in canonical order."""
+    import pythonbible
+
+    bible = load_bible(code)
+    by_book: dict[str, list[tuple[int, int, str]]] = {}
+    for verse_id in sorted(bible.verse_start_indices):
+        book_number, chapter, verse = verse_id // 1_000_000, verse_id // 1000 % 1000, verse_id % 1000
+        title = pythonbible.Book(book_number).title
+        if books is not None and title not in books:
+            continue
+        text = clean_verse(bible.get_scripture(verse_id, verse_id))
+        if text:
+            by_book.setdefault(title, []).append((chapter, verse, text))
+    return by_book
+
+
+def book_file_name(book_number: int, title: str) -> str:
+    return f"{book_number:02d}_{title.replace(' ', '_')}.txt"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_corpus(stage: Path, codes: list[str], books: set[str] | None) -> dict:
+    """Write every file into `stage` and return the manifest (without timestamps: deterministic)."""
+    import pythonbible
+
+    book_numbers = {book.title: book.value for book in pythonbible.Book}
+    files, translations = [], []
+    with open(stage / VERSES_NAME, "w", encoding="utf-8", newline="\n") as verses_out:
+        for code in codes:
+            by_book = build_translation(code, books)
+            title = load_bible(code).version.title
+            (stage / code).mkdir()
+            chars = 0
+            for book, verses in sorted(by_book.items(), key=lambda item: book_numbers[item[0]]):
+                split = "val" if book in HELD_OUT_BOOKS else "train"
+                lines = [f"# {title} ({code}): {book}"]
+                for chapter, verse, text in verses:
+                    lines.append(f"[{code}] {book} {chapter}:{verse} {text}")
+                    verses_out.write(json.dumps({"translation": code, "book": book, "chapter": chapter,
+                                                 "verse": verse, "split": split, "text": text},
+                                                ensure_ascii=False) + "\n")
+                rel = f"{code}/{book_file_name(book_numbers[book], book)}"
+                body = "\n".join(lines) + "\n"
+                (stage / rel).write_text(body, encoding="utf-8", newline="\n")
+                chars += len(body)
+                files.append({"path": rel, "translation": code, "book": book, "split": split,
+                              "chars": len(body), "bytes": len(body.encode("utf-8")),
+                              "sha256": sha256_of(stage / rel)})
+            status, why = TRANSLATIONS[code]
+            translations.append({"code": code, "title": title, "licence": status, "note": why,
+                                 "books": len(by_book), "chars": chars})
+    if not files:
+        raise UserError("the selection produced no verses; check --translations and --books")
+    excluded = [{"code": code, "licence": TRANSLATIONS[code][0], "note": TRANSLATIONS[code][1]}
+                for code in TRANSLATIONS if code not in codes]
+    return {
+        "format_version": 1,
+        "source": f"pythonbible {pythonbible.__version__} translation packages (plain_text_readers)",
+        "licence_policy": "the default build uses only translations that are clearly public domain; "
+                          "'excluded' lists the others and why (add them with --translations all)",
+        "heldout_books": [b for b in HELD_OUT_BOOKS if books is None or b in books],
+        "translations": translations,
+        "excluded_translations": excluded,
+        "total_chars": sum(f["chars"] for f in files),
+        "files": files,
+        "verses_jsonl": {"path": VERSES_NAME, "sha256": sha256_of(stage / VERSES_NAME),
+                         "bytes": (stage / VERSES_NAME).stat().st_size},
+    }
+
+
+def install(stage: Path, out: Path, manifest: dict) -> None:
+    """Swap the staged build into place. The marker makes readers refuse a half-swapped folder."""
+    marker = out / BUILD_MARKER
+    marker.write_text("corpus build in progress; rerun prepare.py if this file stays\n")
+    fsync_dir(out)
+    old_manifest = out / MANIFEST_NAME
+    if old_manifest.is_file():
+        previous = json.loads(old_manifest.read_text())
+        old_manifest.unlink()
+        for code in {f["translation"] for f in previous.get("files", [])}:
+            if (out / code).is_dir():
+                shutil.rmtree(out / code)
+    for entry in sorted(stage.iterdir()):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST_NAME)
+    marker.unlink()
+    fsync_dir(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    codes, books = resolve_selection(args)
+    out = args.output_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / ".building"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        manifest = write_corpus(stage, codes, books)
+        install(stage, out, manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"corpus: {len(manifest['translations'])} translations, {len(manifest['files'])} files, "
+          f"{manifest['total_chars']:,} characters -> {out}")
+    print(f"held-out books: {', '.join(manifest['heldout_books']) or 'none (no validation split!)'}")
+
+
+if __name__ == "__main__":
+    with user_errors_exit("prepare.py"):
+        main(sys.argv[1:])

@@ -87,9 +87,10 @@ def export(model_dir: Path, output_dir: Path) -> None:
 
     raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     special_ids = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
-    # SIM-ONE stores "model.<Llama name>"; only an untied head lives at a different path.
-    state = {k.removeprefix("model."): v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in state.items()}
+    # SIM-ONE stores "model.<Llama name>", which is Llama's own layout except for an
+    # untied LM head (Llama keeps it outside `model.`).
+    state = load_file(str(model_dir / "model.safetensors"))
+    state = {("lm_head.weight" if k == "model.lm_head.weight" else k): v for k, v in state.items()}
     dtype = next(iter(state.values())).dtype
 
     llama = LlamaForCausalLM(llama_config(config, special_ids)).to(dtype)

@@ -67,6 +67,8 @@ def llama_config(config, special_ids: dict):
 
 def export(model_dir: Path, output_dir: Path) -> None:
     """Write the Llama directory; raises ExportError for anything the user must fix."""
+    check_paths(model_dir, output_dir)  # before the slow imports: bad paths fail fast
+
     import json
 
     from safetensors.torch import load_file
@@ -74,7 +76,6 @@ def export(model_dir: Path, output_dir: Path) -> None:
 
     from simone_transformer.hf_model import load_config
 
-    check_paths(model_dir, output_dir)
     try:
         config = load_config(model_dir)
     except (ValueError, json.JSONDecodeError) as err:

@@ -1,0 +1,424 @@
+"""Enhanced SIM-ONE model: Llama parity, KV cache, governance mechanisms, packaging.
+
+Tiny random-weight models on CPU. Weights are randomised beyond the default init
+(norm scales included) so that a mismatch in any parameter shows up in the logits.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from simone_transformer import rope_attention
+from simone_transformer.enhanced_model import (
+    SimOneConfig,
+    SimOneModel,
+    preset_config,
+    sample_next_token,
+    trace_to_jsonable,
+)
+from simone_transformer.hf_model import SimOneForCausalLM, SimOneHFConfig, load_native, save_pretrained_dir
+from conftest import REPO, assert_one_line_error, run_script
+
+EXPORT_SCRIPT = REPO / "SIM-ONE Training" / "export_llama.py"
+GOVERNANCE_OFF = dict(policy_gate=False, memory_tokens=0)
+
+
+def tiny_config(**overrides) -> SimOneConfig:
+    base = dict(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=160,
+                max_seq_len=64, policy_gate=True, memory_tokens=4)
+    return SimOneConfig.from_dict({**base, **overrides})
+
+
+def make_model(seed: int = 0, **overrides) -> SimOneModel:
+    torch.manual_seed(seed)
+    model = SimOneModel(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def tokens(batch: int = 2, length: int = 12, vocab: int = 96, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def load_export_module():
+    spec = importlib.util.spec_from_file_location("export_llama", EXPORT_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError) as err:
+        SimOneConfig.from_dict({"d_model": 64, "n_heads": 4, "dropuot": 0.1, "zz_extra": 1})
+    message = str(err.value)
+    assert "dropuot" in message and "zz_extra" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(d_model=100, n_heads=3), "d_model (100) must be divisible by n_heads (3)"),
+    (dict(n_heads=4, n_kv_heads=3), "n_heads (4) must be divisible by n_kv_heads (3)"),
+    (dict(memory_tokens=-1), "memory_tokens"),
+    (dict(attention_backend="xformers"), "attention_backend"),
+    (dict(max_seq_len=0), "max_seq_len"),
+    (dict(d_model="64"), "d_model"),
+    (dict(policy_gate=1), "policy_gate"),
+    (dict(norm_eps=0.0), "norm_eps"),
+])
+def test_config_rejects_bad_values(overrides, needle):
+    with pytest.raises(ValueError, match=None) as err:
+        tiny_config(**overrides)
+    assert needle in str(err.value)
+
+
+def test_config_round_trip_and_hf_config_mirror():
+    config = tiny_config(rope_theta=5e5)
+    assert SimOneConfig.from_dict(config.to_dict()) == config
+    hf = SimOneHFConfig(**config.to_dict())
+    assert hf.to_simone_config() == config
+    assert {f.name for f in fields(SimOneConfig)} <= set(hf.to_dict())
+
+
+def test_presets_and_flops():
+    sizes = {}
+    for name in ("tiny", "small", "medium"):
+        with torch.device("meta"):
+            model = SimOneModel(preset_config(name, vocab_size=32000))
+        sizes[name] = model.count_parameters(non_embedding=True)
+        c = model.config
+        vocab_params = c.vocab_size * c.d_model + c.memory_tokens * c.d_model
+        assert model.count_parameters(non_embedding=False) - sizes[name] == vocab_params
+        assert model.flops_per_token(c.max_seq_len) == 6 * sizes[name] + 12 * c.n_layers * c.d_model * c.max_seq_len
+    assert 2e5 <= sizes["tiny"] <= 2e6
+    assert 80e6 <= sizes["small"] <= 90e6  # GPT-2 small: ~85M non-embedding
+    assert 300e6 <= sizes["medium"] <= 350e6
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge")
+
+
+# --------------------------------------------------------------------------- Llama parity
+
+
+@pytest.mark.parametrize("n_kv_heads, tie", [(4, True), (2, True), (1, False)])
+def test_export_matches_llama(tmp_path, n_kv_heads, tie):
+    from transformers import LlamaForCausalLM
+
+    model = make_model(n_kv_heads=n_kv_heads, tie_embeddings=tie, **GOVERNANCE_OFF)
+    save_pretrained_dir(model, tmp_path / "simone")
+    assert load_export_module().main(["--model_dir", str(tmp_path / "simone"), "--output_dir", str(tmp_path / "llama")]) == 0
+
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert llama.config.num_key_value_heads == n_kv_heads
+    x = tokens(length=40)
+    with torch.no_grad():
+        expected, got = model(x).logits, llama(x).logits
+    assert expected.std() > 0.5  # far from the near-uniform logits of a fresh init
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_export_cli_refuses_governance_and_bad_paths(tmp_path):
+    save_pretrained_dir(make_model(policy_gate=True, memory_tokens=2), tmp_path / "governed")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    proc = run_script(EXPORT_SCRIPT, "--model_dir", tmp_path / "governed", "--output_dir", tmp_path / "out",
+                      cwd=elsewhere)
+    assert_one_line_error(proc, "export needs every governance mechanism off", "policy_gate=True",
+                          "memory_tokens=2")
+    assert not (tmp_path / "out").exists()
+
+    proc = run_script(EXPORT_SCRIPT, "--model_dir", tmp_path / "missing", "--output_dir", tmp_path / "out",
+                      cwd=elsewhere)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "missing")
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("policy_gate, memory_tokens", [(False, 0), (False, 4), (True, 0), (True, 4)])
+def test_cached_generation_equals_uncached(policy_gate, memory_tokens):
+    model = make_model(policy_gate=policy_gate, memory_tokens=memory_tokens)
+    prompt = tokens(length=7)
+    cached = model.generate(prompt, max_new_tokens=12, temperature=0, use_cache=True).tokens
+    uncached = model.generate(prompt, max_new_tokens=12, temperature=0, use_cache=False).tokens
+    assert cached.shape == (2, 19)
+    assert torch.equal(cached, uncached)
+
+
+def test_incremental_logits_equal_full_forward():
+    """Prefill, a multi-token chunk (explicit mask path), then single tokens."""
+    model = make_model(policy_gate=True, memory_tokens=3)
+    x = tokens(length=14)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(14)
+        parts = [model(x[:, :5], cache=cache).logits, model(x[:, 5:9], cache=cache).logits]
+        parts += [model(x[:, i : i + 1], cache=cache).logits for i in range(9, 14)]
+    assert cache.length == 3 + 14
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- memory tokens
+
+
+def mask_real_to_memory(n_memory: int):
+    """An SDPA stand-in that forbids real tokens to look at the first n_memory keys."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kwargs):
+        assert attn_mask is None and is_causal and q.shape[2] == k.shape[2]  # full-sequence forward
+        mask = rope_attention.causal_mask(q.shape[2], 0, q.device)
+        mask[n_memory:, :n_memory] = False  # memory rows keep their own (causal) view
+        return original(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, **kwargs)
+
+    return sdpa
+
+
+def test_memory_tokens_get_no_logits_and_inert_memory_is_no_memory(monkeypatch):
+    with_memory = make_model(memory_tokens=5)
+    without = SimOneModel(tiny_config(memory_tokens=0)).eval()
+    missing, unexpected = without.load_state_dict(with_memory.state_dict(), strict=False)
+    assert not missing and unexpected == ["memory_embeddings"]
+
+    x = tokens(length=16)
+    with torch.no_grad():
+        out = with_memory(x)
+        assert out.logits.shape == (2, 16, 96) and out.hidden_states.shape == (2, 16, 64)
+        assert not torch.allclose(out.logits, without(x).logits, atol=1e-3)  # memory matters...
+        monkeypatch.setattr(rope_attention.F, "scaled_dot_product_attention", mask_real_to_memory(5))
+        inert = with_memory(x).logits
+    monkeypatch.undo()
+    # ...and with attention to it cut, the real tokens compute exactly what a memory-less model does.
+    torch.testing.assert_close(inert, without(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def reference_layer0_memory_mass(model: SimOneModel, x: torch.Tensor, real_offset: int) -> torch.Tensor:
+    """Layer-0 attention mass on memory computed by hand, Llama rotate-half RoPE,
+    memory at position 0 and real token t at position t + real_offset -> (B, T, H)."""
+    c, attn = model.config, model.layers[0].self_attn
+    h = model.layers[0].input_layernorm(torch.cat((model.memory_embeddings.expand(x.shape[0], -1, -1),
+                                                   model.embed_tokens(x)), dim=1))
+    n_mem, T, hd = c.memory_tokens, x.shape[1], c.head_dim
+    positions = torch.cat((torch.zeros(n_mem), torch.arange(T) + real_offset)).double()
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2).double() / hd)
+    angles = torch.cat([torch.outer(positions, inv_freq)] * 2, dim=-1)
+
+    def rope(t):  # t (B, S, heads, hd)
+        rotated = torch.cat((-t[..., hd // 2:], t[..., : hd // 2]), dim=-1)
+        return t * angles.cos()[:, None] + rotated * angles.sin()[:, None]
+
+    q = rope(attn.q_proj(h).double().unflatten(-1, (c.n_heads, hd)))
+    k = rope(attn.k_proj(h).double().unflatten(-1, (c.n_kv_heads, hd))).repeat_interleave(
+        c.n_heads // c.n_kv_heads, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / hd**0.5
+    S = n_mem + T
+    scores = scores.masked_fill(torch.ones(S, S).triu(1).bool(), float("-inf"))
+    return scores.softmax(-1)[..., n_mem:, :n_mem].sum(-1).transpose(1, 2)
+
+
+def test_memory_tokens_do_not_shift_real_positions():
+    model = make_model(memory_tokens=4)
+    x = tokens(length=10)
+    with torch.no_grad():
+        traced = model(x, trace=True).trace["memory_mass"][0].double()
+        expected = reference_layer0_memory_mass(model, x, real_offset=0)
+        shifted = reference_layer0_memory_mass(model, x, real_offset=4)
+    torch.testing.assert_close(traced, expected, atol=1e-5, rtol=1e-4)
+    assert (traced - shifted).abs().max() > 1e-3  # the check can tell a shift apart
+
+    # The whole RoPE table is available to real tokens: max_seq_len of them fit beside the memory.
+    long = tokens(batch=1, length=model.config.max_seq_len)
+    assert model(long).logits.shape[1] == model.config.max_seq_len
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens(batch=1, length=model.config.max_seq_len + 1))
+
+
+# --------------------------------------------------------------------------- policy gate
+
+
+def test_policy_gate_trace_shape_and_closed_head_is_silent():
+    model = make_model(policy_gate=True, memory_tokens=2)
+    x = tokens(length=9)
+    with torch.no_grad():
+        gate = model(x, trace=True).trace["policy_gate"]
+        assert gate.shape == (2, 2, 9, 4)  # (L, B, T, H)
+        assert ((gate > 0) & (gate < 1)).all()
+
+        open_logits = model(x).logits
+        layer, head, hd = 1, 2, model.config.head_dim
+        model.layers[layer].self_attn.head_gate.bias[head] = -1e4
+        captured = {}
+        hook = model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+            lambda mod, args: captured.setdefault("o_proj_in", args[0].clone()))
+        closed = model(x, trace=True)
+        hook.remove()
+
+    o_in = captured["o_proj_in"]  # (B, N + T, H * hd), memory rows included
+    assert torch.all(o_in[..., head * hd : (head + 1) * hd] == 0)
+    assert torch.all(o_in[..., :head * hd].abs().sum(-1) > 0)
+    assert torch.all(closed.trace["policy_gate"][layer, ..., head] == 0)
+    assert not torch.allclose(closed.logits, open_logits, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def test_trace_records_and_changes_nothing():
+    model = make_model(policy_gate=True, memory_tokens=3)
+    x = tokens(length=11)
+    with torch.no_grad():
+        plain = model(x)
+        traced = model(x, trace=True, trace_top_k=4)
+    assert plain.trace is None
+    assert torch.equal(plain.logits, traced.logits)
+    t = traced.trace
+    assert t["memory_mass"].shape == (2, 2, 11, 4)
+    assert ((t["memory_mass"] >= 0) & (t["memory_mass"] <= 1)).all()
+    assert t["lens_top_ids"].shape == t["lens_top_probs"].shape == (2, 2, 11, 4)
+    assert torch.equal(t["lens_top_ids"][-1, ..., 0], traced.logits.argmax(-1))
+    assert (t["lens_top_probs"].diff(dim=-1) <= 0).all() and (t["lens_top_probs"] <= 1).all()
+
+    blob = json.loads(json.dumps(trace_to_jsonable(t)))
+    assert set(blob["layout"]) == set(t)
+    assert len(blob["memory_mass"][0][0]) == 11
+
+
+def test_trace_off_mechanisms_are_absent_and_generation_trace_aligns():
+    model = make_model(**GOVERNANCE_OFF)
+    with torch.no_grad():
+        assert set(model(tokens(), trace=True).trace) == {"lens_top_ids", "lens_top_probs"}
+
+    model = make_model(policy_gate=True, memory_tokens=2)
+    prompt = tokens(length=6)
+    cached = model.generate(prompt, max_new_tokens=5, temperature=0, trace=True)
+    uncached = model.generate(prompt, max_new_tokens=5, temperature=0, trace=True, use_cache=False)
+    assert cached.trace["policy_gate"].shape == (2, 2, 6 + 5 - 1, 4)
+    for key in cached.trace:
+        torch.testing.assert_close(cached.trace[key], uncached.trace[key], atol=1e-5, rtol=1e-4)
+    # The last layer's lens at position t names the token generated at t + 1.
+    assert torch.equal(cached.trace["lens_top_ids"][-1, :, 5:, 0], cached.tokens[:, 6:])
+
+
+# --------------------------------------------------------------------------- sampling, dtype, HF wrapper
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    previous = torch.tensor([[1]])
+    gen = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, previous, temperature=0).item() == 1
+    assert sample_next_token(logits, previous, temperature=0, repetition_penalty=2.0).item() == 2
+    draws = {sample_next_token(logits, previous, top_k=2, generator=gen).item() for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sample_next_token(logits, previous, top_p=0.3, generator=gen).item() for _ in range(50)}
+    assert draws == {1}
+
+
+def test_bf16_autocast_forward_and_generation():
+    model = make_model(policy_gate=True, memory_tokens=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens(), trace=True)
+        generated = model.generate(tokens(length=4), max_new_tokens=3, temperature=0).tokens
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert generated.shape == (2, 7)
+
+
+def test_hf_wrapper_loss_and_native_round_trip(tmp_path):
+    model = make_model()
+    save_pretrained_dir(model, tmp_path / "m")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(load_native(tmp_path / "m")(x).logits, model(x).logits, atol=0, rtol=0)
+        wrapper = SimOneForCausalLM(SimOneHFConfig(**model.config.to_dict()))
+        wrapper.model.load_state_dict(model.state_dict())
+        out = wrapper(x, labels=x)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 96), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+# --------------------------------------------------------------------------- trust_remote_code
+
+CLEAN_LOAD = r"""
+import sys
+# Forget the editable install and the repository, as on a machine that never saw it.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+# (The virtual environment may live inside the repository: keep its site-packages.)
+sys.path[:] = [p for p in sys.path if not p.startswith(sys.argv[3]) or p.startswith(sys.prefix)]
+for name in ("simone_transformer", "mvlm_engine", "prioritary_mvlm"):
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    raise SystemExit(f"{name} is importable here, so this check would prove nothing")
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_dir, out_file = sys.argv[1], sys.argv[2]
+# trust_remote_code here too: AutoTokenizer reads config.json, whose auto_map would prompt.
+tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+ids = torch.tensor([tok.encode("In the beginning God created")])
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids, max_new_tokens=6, do_sample=False)
+save_file({"ids": ids, "logits": logits.contiguous(), "generated": generated}, out_file)
+print("RESULT", type(model).__module__, tok.eos_token)
+"""
+
+
+def write_tiny_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["In the beginning God created the heaven and the earth."] * 20, trainer=trainer)
+    tok.save(str(path))
+    return path
+
+
+def test_trust_remote_code_load_in_clean_process(tmp_path):
+    model = make_model(vocab_size=300, policy_gate=True, memory_tokens=3)
+    model_dir = save_pretrained_dir(model, tmp_path / "model", tokenizer_file=write_tiny_tokenizer(tmp_path / "t.json"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "hf_model.py"} <= {p.name for p in model_dir.iterdir()}
+
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-I", "-c", CLEAN_LOAD, str(model_dir), str(tmp_path / "out.safetensors"),
+                           str(REPO)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result_line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    _, module, eos = result_line.split()
+    assert module.startswith("transformers_modules.") and eos == "<|endoftext|>"
+
+    result = load_file(str(tmp_path / "out.safetensors"))
+    with torch.no_grad():
+        expected = model(result["ids"]).logits
+    torch.testing.assert_close(result["logits"], expected, atol=1e-5, rtol=1e-5)
+    native = model.generate(result["ids"], max_new_tokens=6, temperature=0).tokens
+    assert torch.equal(result["generated"], native)

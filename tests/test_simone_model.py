@@ -422,3 +422,19 @@ def test_trust_remote_code_load_in_clean_process(tmp_path):
     torch.testing.assert_close(result["logits"], expected, atol=1e-5, rtol=1e-5)
     native = model.generate(result["ids"], max_new_tokens=6, temperature=0).tokens
     assert torch.equal(result["generated"], native)
+
+
+def test_generation_stops_at_eos_and_hf_generate_pads(tmp_path):
+    model = make_model(policy_gate=True, memory_tokens=2)
+    prompt = tokens(batch=1, length=5)
+    free = model.generate(prompt, max_new_tokens=6, temperature=0).tokens
+    eos = int(free[0, 7])  # the third generated token
+    first_eos = 5 + int((free[0, 5:] == eos).nonzero()[0])  # it may also come earlier
+    stopped = model.generate(prompt, max_new_tokens=6, temperature=0, eos_token_id=eos).tokens
+    assert torch.equal(stopped, free[:, : first_eos + 1])
+
+    wrapper = SimOneForCausalLM(SimOneHFConfig(**model.config.to_dict()))
+    wrapper.model.load_state_dict(model.state_dict())
+    assert torch.equal(wrapper.generate(prompt, max_new_tokens=6, do_sample=False), free)
+    with pytest.raises(ValueError, match="unsupported generate arguments"):
+        wrapper.generate(prompt, max_new_tokens=2, not_an_option=True)

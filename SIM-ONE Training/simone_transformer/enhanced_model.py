@@ -339,6 +339,8 @@ class SimOneModel(nn.Module):
             raise ValueError(
                 f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({self.config.max_seq_len})"
             )
+        if max_new_tokens == 0:
+            return GenerationResult(tokens=input_ids)
         cache = self.new_cache(T + max_new_tokens) if use_cache else None
         tokens = input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -355,7 +357,7 @@ class SimOneModel(nn.Module):
                 next_token = next_token.masked_fill(finished, eos_token_id)
                 finished |= next_token == eos_token_id
             tokens = torch.cat((tokens, next_token[:, None]), dim=1)  # (B, S + 1)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
             out = self(next_token[:, None], cache=cache, trace=trace) if use_cache else self(tokens, trace=trace)
 

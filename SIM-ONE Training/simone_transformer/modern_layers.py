@@ -37,10 +37,11 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Precomputed RoPE tables (Su et al. 2021), Llama's rotate-half layout.
 
-    `cos`/`sin` have shape (max_positions, head_dim) and stay in fp32 whatever the
-    model dtype: bf16 angles lose precision at large positions. They are
-    non-persistent buffers (never saved; rebuilt from the config), so `.to(device)`
-    moves them with the model.
+    `cos`/`sin` have shape (max_positions, head_dim), computed in fp32 (bf16 angles
+    lose precision at large positions) and kept fp32 under autocast, where the
+    parameters stay fp32. They are non-persistent buffers (never saved; rebuilt from
+    the config), so `.to(device)` moves them with the model; a `.to(bfloat16)` casts
+    them too, like the bf16 tables HF Llama uses in that case.
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):

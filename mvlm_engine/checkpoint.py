@@ -1,0 +1,139 @@
+"""Checkpoints: one folder each, written atomically, loaded without unpickling.
+
+<output_dir>/checkpoints/step_000500/
+    model.safetensors     weights of the training module (the model plus any auxiliary heads)
+    optimizer.pt          optimizer state  } torch.save of tensors and plain values only,
+    scaler.pt             GradScaler state } read back with torch.load(weights_only=True)
+    rng_state.pt          torch CPU and CUDA generator states
+    trainer_state.json    step, data position, best validation loss, schedule, Python RNG
+    config.json           the resolved configuration
+The folder is filled under a temporary name, fsynced and renamed, so a folder with the final
+name is always complete. The last `keep` step folders and `best_model/` are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .corpus import fsync_dir
+from .errors import UserError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+BEST = "best_model"
+REQUIRED = ("model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json", "config.json")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def rng_states() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    state = random.getstate()
+    return tensors, {"python": [state[0], list(state[1]), state[2]]}
+
+
+def restore_rng(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available() and len(tensors["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, trainer_state: dict,
+                    config: dict) -> Path:
+    """Write a complete checkpoint to `folder` atomically (replacing an older one of that name)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(module, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if scaler is not None and scaler.is_enabled():
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    tensors, plain = rng_states()
+    torch.save(tensors, tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "rng": plain}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    fsync_dir(tmp)
+    if folder.exists():
+        old = folder.with_name(f".old-{folder.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+    fsync_dir(folder.parent)
+    return folder
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """Complete step checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    for stale in step_checkpoints(root)[:-keep]:
+        shutil.rmtree(stale)
+
+
+def resolve_resume(spec: str, checkpoints_root: Path) -> Path:
+    """Turn --resume_from latest|best_model|PATH into a checkpoint folder, or a one-line error."""
+    if spec == "latest":
+        found = step_checkpoints(checkpoints_root)
+        if not found:
+            raise UserError(f"--resume_from latest: no checkpoint in {checkpoints_root}")
+        return found[-1]
+    path = checkpoints_root / BEST if spec == BEST else Path(spec)
+    if not path.is_dir():
+        raise UserError(f"--resume_from {spec}: {path} is not a checkpoint folder")
+    return path
+
+
+def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler) -> dict:
+    """Restore weights, optimizer, scaler and RNG in place; return the trainer state."""
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
+                        "resume from another checkpoint")
+    try:
+        result = load_model(module, str(folder / "model.safetensors"), strict=True)
+        if result and any(result):
+            raise ValueError(f"mismatched keys: {result}")
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        if scaler is not None and scaler.is_enabled() and (folder / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        tensors = torch.load(folder / "rng_state.pt", weights_only=True)
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except UserError:
+        raise
+    except Exception as err:  # safetensors, torch.load and json raise many types on corrupt files
+        first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"checkpoint {folder} is corrupt or does not match this model ({first_line}); "
+                        "resume from another checkpoint") from None
+    restore_rng(tensors, state.pop("rng"))
+    return state
+
+
+def read_checkpoint_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"checkpoint {folder} has no readable config.json; resume from another checkpoint") from None

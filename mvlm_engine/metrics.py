@@ -1,0 +1,99 @@
+"""Throughput, MFU, the training history (JSON + TensorBoard) and the loss-curve plot."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .tokenizer import atomic_write_text
+
+# Dense bf16 peak, the one stated reference for MFU (DESIGN.md, "Performance").
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def transformer_flops_per_token(non_embedding_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (matmuls, forward and backward) + 12 L d T (attention)."""
+    return 6 * non_embedding_params + 12 * n_layers * d_model * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None, world_size: int) -> float | None:
+    return None if peak is None else flops_per_token * tokens_per_second / (peak * world_size)
+
+
+class History:
+    """training_history.json: one record per logged step and per evaluation."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path = path
+        self.data = {"config": config, "train": [], "eval": []}
+
+    def resume(self, step: int) -> None:
+        """Keep what an earlier run logged up to `step` (later records belong to a lost future)."""
+        if self.path.is_file():
+            old = json.loads(self.path.read_text())
+            self.data["train"] = [r for r in old.get("train", []) if r["step"] <= step]
+            self.data["eval"] = [r for r in old.get("eval", []) if r["step"] <= step]
+
+    def log(self, kind: str, record: dict) -> None:
+        self.data[kind].append(record)
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, allow_nan=True) + "\n")
+
+
+class TensorBoard:
+    """Scalars to <output_dir>/tensorboard; silently off when tensorboard is not installed."""
+
+    def __init__(self, folder: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir=str(folder))
+            except ImportError:
+                print("[train] tensorboard is not installed: scalars go to training_history.json only")
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_history(history: dict, path: Path, title: str) -> None:
+    """Loss curves: training loss (and every loss term), held-out loss and bits per byte."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = history["train"], history["eval"]
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["loss"] for r in train], label="train loss (total)")
+        for key in sorted({k for r in train for k in r if k.startswith("loss/")}):
+            ax_loss.plot(steps, [r.get(key, float("nan")) for r in train], label=key, alpha=0.7, lw=1)
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss")
+        ax_bpb.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", color="C3")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax_loss.legend(fontsize=7)
+    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="held-out bits per byte")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

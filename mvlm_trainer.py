@@ -25,7 +25,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mvlm_engine import cli  # noqa: E402
-from mvlm_engine.config import save_config_json  # noqa: E402
 from mvlm_engine.data import BlockSampler  # noqa: E402
 from mvlm_engine.errors import fail  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
@@ -118,8 +117,6 @@ def main(argv=None) -> None:
                                             cfg.block_size)
         resolved = {**vars(cfg), "preset": preset_name, "model": {k: preset[k] for k in ("n_layer", "n_embd", "n_head")}}
         if runtime.is_main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            save_config_json(resolved, Path(cfg.output_dir) / "train_config.json")
             n_params = sum(p.numel() for p in model.parameters())
             attention = sdpa_backend_name(runtime, preset["n_head"], preset["n_embd"] // preset["n_head"])
             print(f"[train] MVLM-GPT2 preset {preset_name}: {n_params / 1e6:.2f}M parameters, vocab "

@@ -1,6 +1,19 @@
 #!/usr/bin/env python3
-"""Not implemented yet: see issue 5. Exits with status 2 and writes nothing."""
-import sys
+"""Train Enhanced SIM-ONE with the defaults (small preset, every mechanism and loss on).
 
-print(f"{sys.argv[0]}: not implemented yet (issue 5)", file=sys.stderr)
-sys.exit(2)
+    python3 train.py            # same as: python3 enhanced_train.py
+    python3 train.py --preset tiny
+
+Any flag of enhanced_train.py is passed through; see `python3 enhanced_train.py --help`.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, from any directory
+
+from enhanced_train import PROG, main  # noqa: E402
+
+from mvlm_engine.cli import exit_on_error  # noqa: E402
+
+if __name__ == "__main__":
+    exit_on_error(PROG, main, sys.argv[1:])

@@ -59,16 +59,18 @@ def explicit_values(args: argparse.Namespace, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def resolve_train_config(args: argparse.Namespace, defaults: dict, preset: dict) -> TrainConfig:
-    """Script defaults < preset < command line."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+def resolve_train_config(args: argparse.Namespace, defaults: dict, preset: dict, config_file: dict | None = None,
+                         cls: type = TrainConfig):
+    """Script defaults < preset < --config file < command line, as a `cls` dataclass."""
+    names = [f.name for f in dataclasses.fields(cls)]
     values = {k: v for k, v in {**defaults, **preset}.items() if k in names}
+    values.update(config_file or {})
     values.update(explicit_values(args, names))
     if not args.overwrite:
         values.pop("overwrite", None)
     else:
         values["overwrite"] = True
-    return from_dict(TrainConfig, values)
+    return from_dict(cls, values)
 
 
 def output_dir_problems(cfg: TrainConfig) -> list[str]:

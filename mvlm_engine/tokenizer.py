@@ -61,14 +61,51 @@ def train_bpe(texts, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def get_or_train_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> tuple[Tokenizer, Path]:
-    """Load the cached tokenizer for this corpus and settings, or train and cache it."""
-    settings = json.dumps({"vocab_size": vocab_size, "algorithm": "byte-level-bpe-v1"}, sort_keys=True)
+def force_single_tokens(tokenizer: Tokenizer, words: tuple[str, ...]) -> Tokenizer:
+    """Append BPE merges so that each word, bare and after a space, encodes as one token.
+
+    The merges go after all learnt ones, so they only join the pieces these words already
+    split into; every other text tokenizes as before or with a longer match, still lossless.
+    """
+    data = json.loads(tokenizer.to_str())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    next_id = max(vocab.values()) + 1
+    forced = tokenizer
+    for form in (f for word in words for f in (word, " " + word)):
+        # Re-encode with the merges added so far; no earlier merge joins these pieces, so a
+        # left-to-right chain of new merges (each with a brand-new left side) makes one token.
+        pieces = forced.encode(form, add_special_tokens=False).tokens
+        if len(pieces) == 1:
+            continue
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append([pieces[0], pieces[1]])
+            if merged not in vocab:
+                vocab[merged] = next_id
+                next_id += 1
+            pieces = [merged] + pieces[2:]
+        forced = Tokenizer.from_str(json.dumps(data))
+    broken = [w for w in words for form in (w, " " + w) if len(forced.encode(form).ids) != 1]
+    if broken:
+        raise UserError(f"could not make these words single tokens: {', '.join(sorted(set(broken)))}")
+    return forced
+
+
+def get_or_train_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path,
+                           required_words: tuple[str, ...] = ()) -> tuple[Tokenizer, Path]:
+    """Load the cached tokenizer for this corpus and settings, or train and cache it.
+
+    `required_words` must end up as single tokens (with and without a leading space).
+    """
+    settings = json.dumps({"vocab_size": vocab_size, "algorithm": "byte-level-bpe-v1",
+                           "required_words": list(required_words)}, sort_keys=True)
     key = f"{corpus.hash[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
     path = cache_dir / "tokenizers" / key / "tokenizer.json"
     if path.is_file():
         return load_tokenizer(path), path
     tokenizer = train_bpe(corpus.documents("train"), vocab_size)
+    if required_words:
+        tokenizer = force_single_tokens(tokenizer, required_words)
     save_tokenizer(tokenizer, path)
     return tokenizer, path
 

@@ -59,7 +59,7 @@ class TokenData:
 @dataclass
 class TrainingTask:
     name: str
-    objective: torch.nn.Module  # forward(batch: dict) -> (loss, {term: tensor})
+    objective: torch.nn.Module  # forward(batch: dict) -> (loss, {"loss/<term>": tensor, ...})
     logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # for evaluation
     batches: object  # next_batch() -> dict; micro_batches_per_epoch(); state_dict(); load_state_dict()
     flops_per_token: float
@@ -191,6 +191,9 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
     checkpoint_config = {**task.config, "tokenizer_hash": data.tokenizer_hash}
 
     history = History(out / "training_history.json", checkpoint_config)
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config_json(task.config, out / "train_config.json")
     if cfg.overwrite and not cfg.resume_from and runtime.is_main:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the user asked to start over
     if cfg.resume_from:
@@ -306,7 +309,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
                 record = {"step": step, "lr": lr, "loss": values[0], "grad_norm": float(grad_norm),
                           "tokens_per_s": tokens_per_s, "mfu": mfu(task.flops_per_token, tokens_per_s, peak,
                                                                    runtime.world_size),
-                          **{f"loss/{k}": v for k, v in zip(terms_window, values[1:])}}
+                          **dict(zip(terms_window, values[1:]))}
                 if runtime.is_main:
                     history.log("train", record)
                     history.save()
@@ -341,7 +344,6 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
                "tokenizer_hash": data.tokenizer_hash}
     if runtime.is_main:
         task.export(out)
-        save_config_json(cfg, out / "train_config.json")
         plot_history(history.data, out / "loss_curve.png", task.name)
         atomic_write_text(out / "run_summary.json", json.dumps(summary, indent=1) + "\n")
     runtime.barrier()

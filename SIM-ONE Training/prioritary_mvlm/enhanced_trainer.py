@@ -1,0 +1,102 @@
+"""EnhancedPrioritaryTrainer: Enhanced SIM-ONE on the shared training engine.
+
+It builds what is specific to SIM-ONE (the seeded tokenizer, the model, the composite
+objective and batches that carry parallel-verse pairs) and hands them to
+mvlm_engine.trainer.fit, the repository's one training loop. On a GPU the engine's defaults
+are the H100/H200 settings: bf16 autocast, torch.compile and fused AdamW.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from mvlm_engine.data import BlockSampler
+from mvlm_engine.parallel import ParallelVerses, encode_padded
+from mvlm_engine.runtime import Runtime, sdpa_backend_name
+from mvlm_engine.tokenizer import eos_id
+from mvlm_engine.trainer import LMBatches, TrainingTask, fit, prepare_token_data
+from simone_transformer import SimOneModel
+from simone_transformer.hf_model import save_pretrained_dir
+
+from .advanced_losses import CompositeObjective
+from .advanced_tokenizer import build_simone_tokenizer
+from .config import PrioritaryConfig
+
+
+class PairedBatches:
+    """Language-modelling batches plus, when alignment is on, parallel-verse pairs.
+
+    Pairs for micro-batch i come from a generator seeded with (seed, i, rank), so the saved
+    position (the sampler's and i) restores them exactly.
+    """
+
+    def __init__(self, lm: LMBatches, verses: ParallelVerses | None, tokenizer, cfg: PrioritaryConfig, rank: int):
+        self.lm, self.verses, self.tokenizer, self.cfg, self.rank = lm, verses, tokenizer, cfg, rank
+        self.pad_id = eos_id(tokenizer)
+        self.index = 0
+
+    def next_batch(self) -> dict:
+        batch = self.lm.next_batch()
+        if self.verses is not None:
+            rng = np.random.default_rng([self.cfg.seed, self.index, self.rank])
+            first, second = self.verses.sample(rng, self.cfg.alignment_pairs)
+            ids, mask = encode_padded(self.tokenizer, first + second, self.cfg.alignment_max_tokens, self.pad_id)
+            batch.update(pair_ids=ids, pair_mask=mask)  # (2P, L) each
+        self.index += 1
+        return batch
+
+    def micro_batches_per_epoch(self) -> int:
+        return self.lm.micro_batches_per_epoch()
+
+    def state_dict(self) -> dict:
+        return {**self.lm.state_dict(), "pair_index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.index = state.pop("pair_index")
+        self.lm.load_state_dict(state)
+
+
+class EnhancedPrioritaryTrainer:
+    """Train Enhanced SIM-ONE with the composite loss; every term is logged per step."""
+
+    name = "Enhanced SIM-ONE"
+
+    def __init__(self, cfg: PrioritaryConfig, runtime: Runtime):
+        self.cfg, self.runtime = cfg, runtime
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"coherence": self.cfg.coherence_weight, "alignment": self.cfg.alignment_weight,
+                "stability": self.cfg.z_loss_weight}
+
+    def build_task(self) -> tuple[TrainingTask, object]:
+        cfg, runtime = self.cfg, self.runtime
+        data = prepare_token_data(cfg, runtime, tokenizer_factory=lambda corpus, cache: build_simone_tokenizer(
+            corpus, cfg.vocab_size, cfg.quality_seeds, cache))
+        # Alignment pairs come from verses.jsonl: check it before building the model.
+        verses = ParallelVerses(cfg.data_dir, "train") if cfg.alignment_weight > 0 else None
+        torch.manual_seed(cfg.seed)
+        model = SimOneModel(cfg.model_config(data.tokenizer.get_vocab_size()))
+        objective = CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature)
+        sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
+                               runtime.rank, runtime.world_size)
+        batches = PairedBatches(LMBatches(sampler), verses, data.tokenizer, cfg, runtime.rank)
+        if runtime.is_main:
+            mc = model.config
+            print(f"[train] {self.name} preset {cfg.preset}: {model.count_parameters(False) / 1e6:.2f}M parameters "
+                  f"({model.count_parameters(True) / 1e6:.2f}M non-embedding), vocab {mc.vocab_size}, policy gate "
+                  f"{mc.policy_gate}, memory tokens {mc.memory_tokens}, loss weights {objective.weights}, adaptive "
+                  f"{cfg.adaptive_weights}; {runtime.world_size} x {runtime.device}, {runtime.precision}, compile "
+                  f"{runtime.compile}, SDPA backend {sdpa_backend_name(runtime, mc.n_heads, mc.head_dim)}")
+        task = TrainingTask(name=self.name, objective=objective, logits=lambda module, x: module.logits(x),
+                            batches=batches, flops_per_token=model.flops_per_token(cfg.block_size),
+                            export=lambda out: save_pretrained_dir(model, out, data.tokenizer_path),
+                            config=dataclasses.asdict(cfg))
+        return task, data
+
+    def train(self) -> dict:
+        """Run the whole training; returns the engine's run summary."""
+        task, data = self.build_task()
+        return fit(self.cfg, task, self.runtime, data)

@@ -1,0 +1,84 @@
+"""Parallel verses: the same verse in two translations, from verses.jsonl.
+
+Used for SIM-ONE's content-alignment loss (training split) and for the parallel-verse
+retrieval@1 metric of both models (held-out split).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .corpus import VERSES_NAME
+from .errors import UserError
+
+
+class ParallelVerses:
+    """Verses of one split that exist in at least two translations, in a fixed order."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        path = Path(data_dir) / VERSES_NAME
+        if not path.is_file():
+            raise UserError(f"{path} is missing; the alignment loss and retrieval metric need it "
+                            "(rebuild the corpus with prepare.py, or set --alignment_weight 0)")
+        by_reference: dict[tuple, dict[str, str]] = {}
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    record = json.loads(line)
+                    if record["split"] == split:
+                        key = (record["book"], record["chapter"], record["verse"])
+                        by_reference.setdefault(key, {})[record["translation"]] = record["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{number} is not a verse record; rebuild the corpus") from None
+        self.references = [key for key, texts in by_reference.items() if len(texts) >= 2]
+        self.texts = [by_reference[key] for key in self.references]
+        if not self.references:
+            raise UserError(f"{path} has no verse of the {split} split in two or more translations")
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+    def sample(self, rng: np.random.Generator, count: int) -> tuple[list[str], list[str]]:
+        """`count` distinct verses, each in two different random translations."""
+        picks = rng.choice(len(self.references), size=min(count, len(self.references)), replace=False)
+        first, second = [], []
+        for index in picks:
+            texts = self.texts[index]
+            a, b = rng.choice(sorted(texts), size=2, replace=False)
+            first.append(texts[a])
+            second.append(texts[b])
+        return first, second
+
+
+def encode_padded(tokenizer, texts: list[str], max_tokens: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (N, max_tokens) right-padded with pad_id, and the 0/1 mask of real tokens."""
+    ids = torch.full((len(texts), max_tokens), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), max_tokens), dtype=torch.long)
+    for row, encoding in enumerate(tokenizer.encode_batch(texts, add_special_tokens=False)):
+        tokens = encoding.ids[:max_tokens]
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, :len(tokens)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def retrieval_at_1(embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokenizer, first: list[str],
+                   second: list[str], max_tokens: int, pad_id: int, batch_size: int = 64) -> float:
+    """Share of verses in `first` whose most similar (cosine) row in `second` is the same verse.
+
+    embed(ids, mask) -> (N, D) pooled embeddings.
+    """
+    def embed_all(texts):
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode_padded(tokenizer, texts[start:start + batch_size], max_tokens, pad_id)
+            chunks.append(torch.nn.functional.normalize(embed(ids, mask).float(), dim=-1))
+        return torch.cat(chunks)
+
+    a, b = embed_all(first), embed_all(second)
+    best = (a @ b.T).argmax(dim=1)  # (N,)
+    return (best == torch.arange(len(first), device=best.device)).float().mean().item()

@@ -25,6 +25,7 @@ from mvlm_engine.env import apply_training_env
 apply_training_env()  # before torch initialises CUDA
 
 from mvlm_engine import cli  # noqa: E402
+from mvlm_engine.corpus import VERSES_NAME  # noqa: E402
 from mvlm_engine.errors import UserError, fail  # noqa: E402
 from mvlm_engine.runtime import start_runtime, stop_runtime  # noqa: E402
 from prioritary_mvlm.config import TRAINING_PRESETS, PrioritaryConfig, preset_values  # noqa: E402
@@ -78,7 +79,12 @@ def setup(argv=None) -> PrioritaryConfig:
         raise UserError(f"unknown preset {preset_name!r}; choose one of {', '.join(TRAINING_PRESETS)}")
     cfg = cli.resolve_train_config(args, SEED_DEFAULTS, preset_values(preset_name), file_values,
                                    cls=PrioritaryConfig)
-    fail(cfg.problems() + cli.data_dir_problems(cfg) + cli.output_dir_problems(cfg))
+    errors = cfg.problems() + cli.data_dir_problems(cfg) + cli.output_dir_problems(cfg)
+    verses = Path(cfg.data_dir) / VERSES_NAME
+    if cfg.alignment_weight > 0 and Path(cfg.data_dir).is_dir() and not verses.is_file():
+        errors.append(f"{verses} is missing but the alignment loss needs its parallel verses; rebuild the "
+                      "corpus with prepare.py or pass --alignment_weight 0")
+    fail(errors)
     return cfg
 
 

@@ -107,12 +107,22 @@ def resolve_resume(spec: str, checkpoints_root: Path) -> Path:
     return path
 
 
-def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler) -> dict:
-    """Restore weights, optimizer, scaler and RNG in place; return the trainer state."""
+def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, tokenizer_hash: str) -> dict:
+    """Restore weights, optimizer, scaler and RNG in place; return the trainer state.
+
+    A checkpoint of another tokenizer is refused before any tensor is read.
+    """
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise UserError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
                         "resume from another checkpoint")
+    try:
+        saved_hash = json.loads((folder / "trainer_state.json").read_text()).get("tokenizer_hash")
+    except (OSError, json.JSONDecodeError):
+        saved_hash = None  # reported as corrupt below
+    if saved_hash is not None and saved_hash != tokenizer_hash:
+        raise UserError(f"checkpoint {folder} was trained with another tokenizer than this run's; resume with the "
+                        "same --data_dir and --vocab_size, or start a new --output_dir")
     try:
         result = load_model(module, str(folder / "model.safetensors"), strict=True)
         if result and any(result):

@@ -198,10 +198,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the user asked to start over
     if cfg.resume_from:
         folder = resolve_resume(cfg.resume_from, ckpt_root)
-        saved = load_checkpoint(folder, objective, optimizer, scaler)
-        if saved.get("tokenizer_hash") != data.tokenizer_hash:
-            raise UserError(f"checkpoint {folder} was trained with another tokenizer; resume with the same "
-                            "--data_dir and --vocab_size, or start a new --output_dir")
+        saved = load_checkpoint(folder, objective, optimizer, scaler, data.tokenizer_hash)
         task.batches.load_state_dict(saved["data"])
         state.update({k: saved[k] for k in state})
         history.resume(state["step"])

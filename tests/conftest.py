@@ -59,3 +59,13 @@ def small_corpus(tmp_path_factory) -> Path:
     proc = run_script(PREPARE, "--output_dir", out, "--translations", SMALL_TRANSLATIONS, "--books", SMALL_BOOKS)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+def assert_same_weights(path_a, path_b):
+    """Two safetensors files hold the same tensors, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

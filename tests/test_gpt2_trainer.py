@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ISOLATE_FROM_REPO, REPO, assert_one_line_error, run_script
+from conftest import ISOLATE_FROM_REPO, REPO, assert_one_line_error, assert_same_weights, run_script
 
 TRAINER = REPO / "mvlm_trainer.py"
 VOCAB = 1024
@@ -132,10 +132,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run_bit_for_bit(small_corpus, 
     resumed = run_script(*tiny_args(small_corpus, out, *common, "--resume_from", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from" in resumed.stdout
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(tmp_path / "full" / "model.safetensors", out / "model.safetensors")
     history_a = json.loads((tmp_path / "full" / "training_history.json").read_text())
     history_b = json.loads((out / "training_history.json").read_text())
     assert [r["step"] for r in history_a["train"]] == [r["step"] for r in history_b["train"]]

@@ -30,6 +30,7 @@ from .corpus import load_corpus
 from .data import BlockSampler, eval_windows, gather_windows
 from .errors import UserError
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
+from .packaging import write_model_manifest
 from .runtime import Runtime
 from .schedule import get_lr
 from .shards import TokenShards, build_token_shards
@@ -343,5 +344,6 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
         task.export(out)
         plot_history(history.data, out / "loss_curve.png", task.name)
         atomic_write_text(out / "run_summary.json", json.dumps(summary, indent=1) + "\n")
+        write_model_manifest(out)  # last: validation checks every file against it
     runtime.barrier()
     return summary

@@ -14,6 +14,7 @@ Prints a Markdown table. Numbers only; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -138,6 +139,7 @@ def interleaved_medians(timers: dict, repeats: int) -> dict:
 
 def main() -> None:
     args = parse_args()
+    load_before = os.getloadavg()[0]  # other processes on the box skew CPU timings: report it
     device = torch.device(args.device)
     torch.manual_seed(0)
     variants = {
@@ -175,14 +177,15 @@ def main() -> None:
             lambda: llama.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False), n),
     }, args.repeats)
 
-    report(args, device, train_tps, baseline_name, forward_tps, decode_tps)
+    report(args, device, train_tps, baseline_name, forward_tps, decode_tps, (load_before, os.getloadavg()[0]))
 
 
-def report(args, device, train_tps, baseline_name, forward_tps, decode_tps) -> None:
+def report(args, device, train_tps, baseline_name, forward_tps, decode_tps, load) -> None:
     base = train_tps[baseline_name]
     llama = train_tps["HF LlamaForCausalLM (same weights)"]
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{platform.processor() or platform.machine()}")
+          f"{platform.processor() or platform.machine()} | 1-min load average {load[0]:.2f} before, "
+          f"{load[1]:.2f} after")
     print(f"config: d_model {args.d_model}, layers {args.n_layers}, heads {args.n_heads}/{args.n_kv_heads} kv, "
           f"vocab {args.vocab_size}, batch {args.batch_size} x seq {args.seq_len}, fp32, "
           f"median of {args.repeats} interleaved timings x {args.steps} steps\n")

@@ -294,9 +294,10 @@ class SimOneModel(nn.Module):
 
     @torch.no_grad()
     def _logit_lens(self, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = self.logits(self.norm(residual)).float().softmax(dim=-1)  # (B, T, V)
-        top = probs.topk(min(k, probs.shape[-1]), dim=-1)
-        return top.indices, top.values  # each (B, T, k)
+        logits = self.logits(self.norm(residual)).float()  # (B, T, V)
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        # softmax probabilities of the top k only, without materialising all V of them
+        return top.indices, (top.values - logits.logsumexp(dim=-1, keepdim=True)).exp()  # each (B, T, k)
 
     @staticmethod
     def _collect_trace(records: list[dict], lens: list, prepend: int) -> dict:

@@ -161,3 +161,25 @@ def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = 
     write_sha256sums(download_dir, archives + existing)
     write_download_md(download_dir, info)
     return archives
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Archive trained models with SHA256SUMS and DOWNLOAD.md")
+    parser.add_argument("--models_dir", type=Path, default=Path("models"))
+    parser.add_argument("--download_dir", type=Path, default=Path("models_for_download"))
+    parser.add_argument("--names", nargs="*", help=f"model folders (default: those of {', '.join(PIPELINE_MODELS)} "
+                                                   "that finished training)")
+    args = parser.parse_args()
+    missing = [n for n in args.names or [] if not (args.models_dir / n / MODEL_MANIFEST).is_file()]
+    if missing:
+        raise SystemExit(f"packaging: error: no finished model (with {MODEL_MANIFEST}) in "
+                         f"{', '.join(str(args.models_dir / n) for n in missing)}")
+    for archive in package_all(args.models_dir, args.download_dir, args.names):
+        print(f"packaged {archive} ({archive.stat().st_size:,} bytes)")
+    print(f"wrote {args.download_dir / SUMS_NAME} and {args.download_dir / 'DOWNLOAD.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -98,7 +99,12 @@ def training_state(out: Path, preset: str) -> str:
     return "resume" if step_checkpoints(out / "checkpoints") else "fresh"
 
 
+def stop_on_sigterm(*_):
+    raise KeyboardInterrupt  # handled like Ctrl-C: wait for the stage to checkpoint, then stop
+
+
 def main(argv=None) -> None:
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     args = parse_args(argv)
     preset, reason = choose_preset(args.preset, args.device)
     print(f"[pipeline] preset {preset}: {reason}")
@@ -154,6 +160,10 @@ def main(argv=None) -> None:
         record(err.stage, "failed", started)
         print(f"{PROG}: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the running stage saved a checkpoint if it was training. Run the same "
+              "command again to resume.", file=sys.stderr)
+        sys.exit(130)
     print(f"\n[pipeline] done. Summary: {summary_path}\n[pipeline] validation report: "
           f"{args.models_dir / 'validation_report.md'}\n[pipeline] downloads: {args.download_dir}")
 

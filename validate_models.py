@@ -1,6 +1,392 @@
 #!/usr/bin/env python3
-"""Not implemented yet: see issue 6. Exits with status 2 and writes nothing."""
-import sys
+"""Validate the trained models and their download archives.
 
-print(f"{sys.argv[0]}: not implemented yet (issue 6)", file=sys.stderr)
-sys.exit(2)
+    python3 validate_models.py [--models_dir models] [--data_dir mvlm_training_dataset_complete]
+                               [--download_dir models_for_download] [--json]
+
+For each model folder (mvlm_gpt2, simone_enhanced) found in --models_dir:
+  integrity      expected files present, size and sha256 as in model_manifest.json
+  sizes          bytes of every model file
+  loading        AutoModelForCausalLM + AutoTokenizer from the folder alone, in a clean
+                 subprocess where nothing of this repo imports; logits equal in-process ones
+  generation     fixed prompts, greedy with and without the KV cache (must agree) and sampled
+                 (temperature, top-p, repetition penalty); decode tokens/s; distinct-n
+  quality        held-out loss and bits per byte (the trainer's own evaluation code)
+  verse recall   "[KJV] John 3:16"-style prompts on training books, greedy: token accuracy,
+                 exact match
+  retrieval@1    parallel held-out verses, mean-pooled last hidden states
+  trace          (SIM-ONE) a generation trace: gates, memory attention, logit lens -> JSON
+and the archives with SHA256SUMS in --download_dir. Writes validation_report.json,
+validation_report.md and two PNG plots to --models_dir; exits 1 naming every failed check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mvlm_engine.env import apply_training_env
+
+apply_training_env()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mvlm_engine.corpus import load_corpus  # noqa: E402
+from mvlm_engine.errors import UserError, user_errors_exit  # noqa: E402
+from mvlm_engine.isolation import ISOLATE_FROM_REPO  # noqa: E402
+from mvlm_engine.packaging import MODEL_MANIFEST, PIPELINE_MODELS, archive_listing, check_model_manifest, \
+    check_sha256sums  # noqa: E402
+from mvlm_engine.parallel import ParallelVerses, retrieval_at_1  # noqa: E402
+from mvlm_engine.runtime import Runtime  # noqa: E402
+from mvlm_engine.tokenizer import atomic_write_text, token_byte_lengths  # noqa: E402
+from mvlm_engine.trainer import evaluate  # noqa: E402
+
+PROG = "validate_models.py"
+REPO = Path(__file__).resolve().parent
+REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+PROMPTS = ["[KJV] John 3:16", "[WEB] Genesis 1:1", "[ASV] Psalms 23:1", "In the beginning"]
+GENERATE_TOKENS = 48
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models_dir", type=Path, default=REPO / "models")
+    parser.add_argument("--data_dir", type=Path, default=REPO / "mvlm_training_dataset_complete")
+    parser.add_argument("--download_dir", type=Path, default=REPO / "models_for_download")
+    parser.add_argument("--no_archives", action="store_true", help="skip the archive checks")
+    parser.add_argument("--eval_windows", type=int, default=64, help="held-out windows for loss / bits per byte")
+    parser.add_argument("--recall_verses", type=int, default=40)
+    parser.add_argument("--retrieval_pairs", type=int, default=200)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
+    return parser.parse_args(argv)
+
+
+class Report:
+    """Checks (pass/fail with the file concerned) and metrics for one model or the archives."""
+
+    def __init__(self, name: str):
+        self.name, self.checks, self.metrics = name, [], {}
+
+    def check(self, check: str, passed: bool, detail: str) -> bool:
+        self.checks.append({"check": check, "passed": bool(passed), "detail": detail})
+        return passed
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "passed": self.passed, "checks": self.checks, "metrics": self.metrics}
+
+
+class LoadedModel:
+    """One interface over an HF GPT-2 and a trust_remote_code SIM-ONE, both loaded by Auto classes."""
+
+    def __init__(self, folder: Path, device: torch.device):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = json.loads((folder / "config.json").read_text())
+        self.remote = "auto_map" in self.config
+        self.hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.remote, dtype=torch.float32)
+        self.hf.to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=self.remote)
+        self.device = device
+        self.block_size = self.config.get("n_positions") or self.config["max_seq_len"]
+        self.eos = self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(ids).logits
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, D) after the last norm: what the LM head reads."""
+        if self.remote:
+            return self.hf.model(ids).hidden_states
+        return self.hf(ids, output_hidden_states=True).hidden_states[-1]
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True, sample: bool = False,
+                 seed: int = 0) -> torch.Tensor:
+        torch.manual_seed(seed)
+        options = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.1) if sample else {}
+        if self.remote:  # the native generate: its KV cache can be switched off
+            native = dict(temperature=options.get("temperature", 0.0), top_p=options.get("top_p"),
+                          repetition_penalty=options.get("repetition_penalty", 1.0))
+            return self.hf.model.generate(ids, max_new_tokens=max_new_tokens, use_cache=use_cache, **native).tokens
+        return self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=sample, use_cache=use_cache,
+                                pad_token_id=self.eos, **options)
+
+
+CLEAN_LOAD = ISOLATE_FROM_REPO + r"""
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, remote = sys.argv[1], sys.argv[2] == "1"
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+ids = tokenizer(sys.argv[3], return_tensors="pt").input_ids
+with torch.no_grad():
+    logits = model(ids).logits[0, -1]
+print(json.dumps({"ids": ids[0].tolist(), "last_logits": logits.tolist()}))
+"""
+
+
+def check_loading_alone(report: Report, folder: Path, model: LoadedModel) -> None:
+    proc = subprocess.run([sys.executable, "-c", CLEAN_LOAD, str(folder), "1" if model.remote else "0", PROMPTS[0]],
+                          cwd=folder, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        report.check("loading", False, f"{folder}: loading alone failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        ours = model.logits(torch.tensor([result["ids"]], device=model.device))[0, -1].float().cpu()
+    difference = (ours - torch.tensor(result["last_logits"])).abs().max().item()
+    report.check("loading", difference < 1e-4, f"{folder}: loaded alone by the HF Auto classes"
+                 f"{' (trust_remote_code)' if model.remote else ''}; max logit difference {difference:.2e}")
+
+
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    grams = [tuple(t[i:i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def check_generation(report: Report, folder: Path, model: LoadedModel) -> None:
+    samples, greedy_agree, timings = {}, True, {"cache": 0.0, "no_cache": 0.0}
+    new_tokens = {"cache": 0, "no_cache": 0}
+    sampled_tokens = []
+    for index, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([model.encode(prompt)], device=model.device)
+        outputs = {}
+        for mode, use_cache in (("cache", True), ("no_cache", False)):
+            start = time.perf_counter()
+            outputs[mode] = model.generate(ids, GENERATE_TOKENS, use_cache=use_cache)
+            timings[mode] += time.perf_counter() - start
+            new_tokens[mode] += outputs[mode].shape[1] - ids.shape[1]
+        greedy_agree &= torch.equal(outputs["cache"], outputs["no_cache"])
+        sampled = model.generate(ids, GENERATE_TOKENS, sample=True, seed=index)[0, ids.shape[1]:].tolist()
+        sampled_tokens.append(sampled)
+        samples[prompt] = {"greedy": model.tokenizer.decode(outputs["cache"][0, ids.shape[1]:]),
+                           "sampled": model.tokenizer.decode(sampled)}
+    report.metrics["generation"] = {
+        "samples": samples, "decode_tokens_per_s_cache": new_tokens["cache"] / timings["cache"],
+        "decode_tokens_per_s_no_cache": new_tokens["no_cache"] / timings["no_cache"],
+        "distinct_1": distinct_n(sampled_tokens, 1), "distinct_2": distinct_n(sampled_tokens, 2),
+        "sampling": "temperature 0.8, top-p 0.9, repetition penalty 1.1"}
+    report.check("generation", greedy_agree, f"{folder}: greedy generation with and without the KV cache "
+                 f"{'agrees' if greedy_agree else 'DIFFERS'} on {len(PROMPTS)} prompts")
+
+
+def check_quality(report: Report, folder: Path, model: LoadedModel, corpus, args) -> None:
+    tokenizer = model.tokenizer.backend_tokenizer
+    tokens = []
+    for encoding in tokenizer.encode_batch(list(corpus.documents("val")), add_special_tokens=False):
+        tokens += encoding.ids + [model.eos]
+    tokens = np.asarray(tokens, dtype=np.int64)
+    runtime = Runtime(0, 0, 1, model.device, "fp32", False)
+    lengths = torch.as_tensor(token_byte_lengths(tokenizer), device=model.device)
+    result = evaluate(model.hf, lambda m, x: m(x).logits, tokens, model.block_size, args.eval_windows, 8, runtime,
+                      lengths)
+    report.metrics["held_out"] = {**result, "windows": min(args.eval_windows, (len(tokens) - 1) // model.block_size),
+                                  "block_size": model.block_size}
+    vocab = len(model.tokenizer)
+    report.check("quality", math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(vocab),
+                 f"{folder}: held-out loss {result['val_loss']:.4f} (uniform guess {math.log(vocab):.2f}), "
+                 f"{result['val_bpb']:.4f} bits/byte")
+
+
+@torch.no_grad()
+def measure_verse_recall(report: Report, model: LoadedModel, train_verses: ParallelVerses, count: int) -> None:
+    rng = np.random.default_rng(0)
+    token_hits = token_total = exact = 0
+    examples = []
+    for index in rng.choice(len(train_verses), size=min(count, len(train_verses)), replace=False):
+        book, chapter, verse = train_verses.references[index]
+        translation = sorted(train_verses.texts[index])[0] if "KJV" not in train_verses.texts[index] else "KJV"
+        prompt = f"[{translation}] {book} {chapter}:{verse}"
+        target = model.encode(" " + train_verses.texts[index][translation])[:64]
+        ids = torch.tensor([model.encode(prompt)], device=model.device)
+        generated = model.generate(ids, len(target))[0, ids.shape[1]:].tolist()
+        hits = sum(a == b for a, b in zip(generated, target))
+        token_hits, token_total = token_hits + hits, token_total + len(target)
+        exact += generated[:len(target)] == target
+        if len(examples) < 3:
+            examples.append({"prompt": prompt, "expected": model.tokenizer.decode(target),
+                             "generated": model.tokenizer.decode(generated)})
+    report.metrics["verse_recall"] = {"verses": min(count, len(train_verses)), "token_accuracy": token_hits / token_total,
+                                      "exact_match": exact / min(count, len(train_verses)), "examples": examples}
+
+
+def measure_retrieval(report: Report, model: LoadedModel, val_verses: ParallelVerses, pairs: int) -> None:
+    from prioritary_mvlm.advanced_losses import mean_pool
+
+    first, second = val_verses.sample(np.random.default_rng(0), pairs)
+    score = retrieval_at_1(lambda ids, mask: mean_pool(model.hidden(ids.to(model.device)), mask.to(model.device)),
+                           model.tokenizer.backend_tokenizer, first, second, 64, model.eos)
+    report.metrics["retrieval_at_1"] = {"score": score, "pairs": len(first), "chance": 1 / len(first)}
+
+
+def write_trace(report: Report, model: LoadedModel, out: Path) -> None:
+    from simone_transformer import trace_to_jsonable
+
+    ids = torch.tensor([model.encode(PROMPTS[0])], device=model.device)
+    result = model.hf.model.generate(ids, max_new_tokens=8, temperature=0.0, trace=True)
+    trace = {"prompt": PROMPTS[0], "tokens": result.tokens[0].tolist(),
+             "text": model.tokenizer.decode(result.tokens[0]), "trace": trace_to_jsonable(result.trace)}
+    atomic_write_text(out, json.dumps(trace) + "\n")
+    report.metrics["trace_file"] = str(out)
+
+
+def validate_model(folder: Path, corpus, train_verses, val_verses, device, args) -> Report:
+    report = Report(folder.name)
+    problems = check_model_manifest(folder, REQUIRED)
+    report.check("integrity", not problems, "; ".join(problems) or f"{folder}: every file matches {MODEL_MANIFEST}")
+    report.metrics["sizes"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    if problems:
+        return report  # loading a damaged model would only repeat the same failure
+    model = LoadedModel(folder, device)
+    check_loading_alone(report, folder, model)
+    check_generation(report, folder, model)
+    check_quality(report, folder, model, corpus, args)
+    measure_verse_recall(report, model, train_verses, args.recall_verses)
+    measure_retrieval(report, model, val_verses, args.retrieval_pairs)
+    if model.remote:
+        write_trace(report, model, args.models_dir / f"validation_trace_{folder.name}.json")
+    history = folder / "training_history.json"
+    if history.is_file():
+        report.metrics["history"] = json.loads(history.read_text())
+    return report
+
+
+def check_archives(download_dir: Path, names: list[str]) -> Report:
+    report = Report("archives")
+    problems = check_sha256sums(download_dir)
+    report.check("archives", not problems, "; ".join(problems) or f"{download_dir}: SHA256SUMS matches")
+    for name in names:
+        archive = download_dir / f"{name}.tar.gz"
+        if not archive.is_file():
+            report.check("archives", False, f"{archive}: missing")
+        elif not problems:
+            members = archive_listing(archive)
+            has_weights = f"{name}/model.safetensors" in members
+            no_checkpoints = not any("/checkpoints/" in m for m in members)
+            report.check("archive contents", has_weights and no_checkpoints,
+                         f"{archive}: {len(members)} files, weights {'present' if has_weights else 'MISSING'}, "
+                         f"{'no step checkpoints' if no_checkpoints else 'CONTAINS checkpoints'}")
+    return report
+
+
+def write_outputs(reports: list[Report], out: Path, started: str) -> dict:
+    data = {"date": started, "passed": all(r.passed for r in reports),
+            "models": {r.name: {k: v for k, v in r.to_dict().items()} for r in reports}}
+    histories = {r.name: r.metrics.pop("history") for r in reports if "history" in r.metrics}
+    atomic_write_text(out / "validation_report.json", json.dumps(data, indent=1) + "\n")
+    atomic_write_text(out / "validation_report.md", markdown(data))
+    plot_outputs(histories, data, out)
+    return data
+
+
+def markdown(data: dict) -> str:
+    models = {name: m for name, m in data["models"].items() if name != "archives"}
+    lines = [f"# Validation report ({data['date']})", "", f"Overall: **{'PASSED' if data['passed'] else 'FAILED'}**",
+             "", "| metric | " + " | ".join(models) + " |", "| --- |" + " ---: |" * len(models)]
+
+    def row(label, getter):
+        values = []
+        for m in models.values():
+            try:
+                values.append(getter(m["metrics"]))
+            except (KeyError, TypeError):
+                values.append("n/a")
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    row("held-out loss (nats/token)", lambda m: f"{m['held_out']['val_loss']:.4f}")
+    row("held-out bits per byte", lambda m: f"{m['held_out']['val_bpb']:.4f}")
+    row("verse recall token accuracy", lambda m: f"{m['verse_recall']['token_accuracy']:.3f}")
+    row("verse recall exact match", lambda m: f"{m['verse_recall']['exact_match']:.3f}")
+    row("parallel-verse retrieval@1", lambda m: f"{m['retrieval_at_1']['score']:.3f} (chance {m['retrieval_at_1']['chance']:.3f})")
+    row("decode tokens/s, KV cache", lambda m: f"{m['generation']['decode_tokens_per_s_cache']:.1f}")
+    row("decode tokens/s, no cache", lambda m: f"{m['generation']['decode_tokens_per_s_no_cache']:.1f}")
+    row("distinct-2 of samples", lambda m: f"{m['generation']['distinct_2']:.3f}")
+    row("model.safetensors bytes", lambda m: f"{m['sizes']['model.safetensors']:,}")
+    lines += ["", "## Checks", "", "| model | check | result | detail |", "| --- | --- | --- | --- |"]
+    for name, model in data["models"].items():
+        for c in model["checks"]:
+            lines.append(f"| {name} | {c['check']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |")
+    for name, model in models.items():
+        samples = model["metrics"].get("generation", {}).get("samples", {})
+        if samples:
+            lines += ["", f"## Samples: {name}", ""]
+            lines += [f"- `{p}` greedy: {s['greedy']!r}\n  sampled: {s['sampled']!r}" for p, s in samples.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_outputs(histories: dict, data: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, history in histories.items():
+        ax.plot([r["step"] for r in history["train"]], [r["loss"] for r in history["train"]], label=f"{name} train")
+        ax.plot([r["step"] for r in history["eval"]], [r["val_loss"] for r in history["eval"]], "o--",
+                label=f"{name} held-out")
+    ax.set(xlabel="step", ylabel="loss (nats/token; tokenizers differ)", title="Loss curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "validation_loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    models = {n: m["metrics"] for n, m in data["models"].items() if "held_out" in m["metrics"]}
+    panels = [("held-out bits/byte", lambda m: m["held_out"]["val_bpb"]),
+              ("verse recall token acc.", lambda m: m["verse_recall"]["token_accuracy"]),
+              ("retrieval@1", lambda m: m["retrieval_at_1"]["score"]),
+              ("decode tok/s (cache)", lambda m: m["generation"]["decode_tokens_per_s_cache"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    for ax, (title, getter) in zip(axes, panels):
+        ax.bar(list(models), [getter(m) for m in models.values()], color=["C0", "C1", "C2"][:len(models)])
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "validation_metrics.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if not args.models_dir.is_dir():
+        raise UserError(f"--models_dir {args.models_dir} does not exist; train the models first")
+    folders = [args.models_dir / n for n in PIPELINE_MODELS if (args.models_dir / n).is_dir()]
+    if not folders:
+        raise UserError(f"no model folder ({', '.join(PIPELINE_MODELS)}) in {args.models_dir}; train the models first")
+    corpus = load_corpus(args.data_dir)
+    train_verses, val_verses = ParallelVerses(args.data_dir, "train"), ParallelVerses(args.data_dir, "val")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    reports = []
+    for folder in folders:
+        print(f"[validate] {folder}", flush=True)
+        reports.append(validate_model(folder, corpus, train_verses, val_verses, device, args))
+    if not args.no_archives:
+        reports.append(check_archives(args.download_dir, [f.name for f in folders]))
+    data = write_outputs(reports, args.models_dir, started)
+    if args.json:
+        print(json.dumps(data, indent=1))
+    failed = [(r.name, c) for r in reports for c in r.checks if not c["passed"]]
+    for name, check in failed:
+        print(f"{PROG}: FAILED {check['check']} ({name}): {check['detail']}", file=sys.stderr)
+    print(f"[validate] {'FAILED' if failed else 'passed'}: report in {args.models_dir / 'validation_report.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    with user_errors_exit(PROG):
+        sys.exit(main(sys.argv[1:]))

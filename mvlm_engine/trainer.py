@@ -126,25 +126,29 @@ def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(task: TrainingTask, tokens: np.ndarray, cfg: TrainConfig, runtime: Runtime,
-             byte_lengths: torch.Tensor) -> dict:
-    """Held-out loss (nats/token) and bits per byte over evenly spread windows of the split."""
-    module = task.objective
+def evaluate(module: torch.nn.Module, logits_fn, tokens: np.ndarray, block_size: int, max_windows: int,
+             batch_size: int, runtime: Runtime, byte_lengths: torch.Tensor) -> dict:
+    """Held-out loss (nats/token) and bits per byte over evenly spread windows of the split.
+
+    logits_fn(module, input_ids) -> logits. Also used by validate_models.py, so training and
+    validation measure the same way.
+    """
+    was_training = module.training
     module.eval()
-    starts = eval_windows(tokens, cfg.block_size, cfg.eval_windows, runtime.rank, runtime.world_size)
+    starts = eval_windows(tokens, block_size, max_windows, runtime.rank, runtime.world_size)
     # nll, target tokens, target bytes
     sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
-    for i in range(0, len(starts), cfg.batch_size):
-        x, y = gather_windows(tokens, starts[i:i + cfg.batch_size], cfg.block_size)
+    for i in range(0, len(starts), batch_size):
+        x, y = gather_windows(tokens, starts[i:i + batch_size], block_size)
         x, y = x.to(runtime.device), y.to(runtime.device)
         with runtime.autocast():
-            logits = task.logits(module, x)
+            logits = logits_fn(module, x)
         sums[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         sums[1] += y.numel()
         sums[2] += byte_lengths[y].sum()
     if runtime.distributed:
         dist.all_reduce(sums)
-    module.train()
+    module.train(was_training)
     nll, count, n_bytes = sums.tolist()
     return {"val_loss": nll / count, "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
 
@@ -225,7 +229,8 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
         runtime.barrier()
 
     def run_eval() -> dict:
-        result = evaluate(task, val_tokens, cfg, runtime, byte_lengths)
+        result = evaluate(task.objective, task.logits, val_tokens, cfg.block_size, cfg.eval_windows,
+                          cfg.batch_size, runtime, byte_lengths)
         record = {"step": state["step"], **result}
         if runtime.is_main:
             history.log("eval", record)

@@ -12,28 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from mvlm_engine.isolation import ISOLATE_FROM_REPO  # noqa: F401  (used by the tests)
+
 REPO = Path(__file__).resolve().parent.parent
 PREPARE = REPO / "mvlm_training_dataset_complete" / "prepare.py"
 # Enough for a tiny model to learn words: three full Bibles and one New Testament, five
 # books, three of them held out (Old and New Testament).
 SMALL_TRANSLATIONS = "KJV,WEB,ASV,MONT"
 SMALL_BOOKS = "Ruth,Jonah,Philippians,John,Mark"
-
-
-# Prepended to code run with `python -c` to prove a model directory loads on its own: it
-# removes the editable-install finder and the repo's paths, then checks nothing of ours imports.
-ISOLATE_FROM_REPO = f"""
-import sys
-sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-sys.path = [p for p in sys.path if p and (not p.startswith({str(REPO)!r}) or "site-packages" in p)]
-for _name in ("mvlm_engine", "simone_transformer", "prioritary_mvlm", "mvlm_trainer"):
-    try:
-        __import__(_name)
-    except ImportError:
-        pass
-    else:
-        raise SystemExit(_name + " is importable: the isolation failed")
-"""
 
 
 def run_script(*args, cwd=REPO, timeout=600, env=None):

@@ -79,8 +79,11 @@ def run_stage(name: str, command: list, log_path: Path) -> None:
                 log.flush()
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
-        except KeyboardInterrupt:
-            proc.wait()  # the trainer got the same Ctrl-C: let it checkpoint
+        except KeyboardInterrupt as stop:
+            # Ctrl-C reached the whole process group already; a SIGTERM sent to us alone is passed on.
+            if isinstance(stop, PipelineTerminated) and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait()  # let the trainer save its checkpoint
             raise
         code = proc.wait()
     if code != 0:
@@ -99,8 +102,12 @@ def training_state(out: Path, preset: str) -> str:
     return "resume" if step_checkpoints(out / "checkpoints") else "fresh"
 
 
+class PipelineTerminated(KeyboardInterrupt):
+    """SIGTERM to the orchestrator: passed on to the running stage, which checkpoints and stops."""
+
+
 def stop_on_sigterm(*_):
-    raise KeyboardInterrupt  # handled like Ctrl-C: wait for the stage to checkpoint, then stop
+    raise PipelineTerminated
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,127 @@
+"""train_all_models.py end to end on CPU, its resume after a kill, and validate_models.py tampering."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_script
+
+PIPELINE = REPO / "train_all_models.py"
+VALIDATE = REPO / "validate_models.py"
+QUICK_VALIDATION = ["--eval_windows", 8, "--recall_verses", 5, "--retrieval_pairs", 20]
+
+
+def pipeline_args(corpus, root, steps=24):
+    return [PIPELINE, "--preset", "auto", "--data_dir", corpus, "--models_dir", root / "models", "--download_dir",
+            root / "downloads", "--logs_dir", root / "logs", "--trainer_args",
+            f"--max_steps {steps} --vocab_size 512 --batch_size 8 --eval_interval 8 --save_interval 8 --log_interval 4"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(small_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    proc = run_script(*pipeline_args(small_corpus, root), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc
+
+
+def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_run):
+    root, proc = pipeline_run
+    assert "preset tiny: no CUDA GPU is visible" in proc.stdout
+    summary = json.loads((root / "models" / "training_summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["corpus", "gpt2", "simone", "package", "validate"]
+    assert summary["stages"][-1]["status"] == "passed"
+    for stage in summary["stages"][1:3]:
+        assert stage["status"] == "done" and stage["final_val_bpb"] > 0 and stage["steps"] == 24
+    for name in ("mvlm_gpt2", "simone_enhanced"):
+        assert (root / "models" / name / "model.safetensors").is_file()
+        assert (root / "downloads" / f"{name}.tar.gz").is_file()
+        assert (root / "logs" / ("gpt2.log" if name == "mvlm_gpt2" else "simone.log")).is_file()
+    assert (root / "downloads" / "SHA256SUMS").read_text().count(".tar.gz") == 2
+    assert "sha256sum -c SHA256SUMS" in (root / "downloads" / "DOWNLOAD.md").read_text()
+    report = json.loads((root / "models" / "validation_report.json").read_text())
+    assert report["passed"] and set(report["models"]) == {"mvlm_gpt2", "simone_enhanced", "archives"}
+    for name in ("mvlm_gpt2", "simone_enhanced"):
+        metrics = report["models"][name]["metrics"]
+        assert 0 <= metrics["retrieval_at_1"]["score"] <= 1 and metrics["held_out"]["val_bpb"] > 0
+        assert metrics["generation"]["decode_tokens_per_s_cache"] > 0
+    assert (root / "models" / "validation_report.md").read_text().startswith("# Validation report")
+    assert (root / "models" / "validation_metrics.png").stat().st_size > 0
+    assert json.loads((root / "models" / "validation_trace_simone_enhanced.json").read_text())["trace"]
+
+
+def test_rerun_skips_finished_stages(pipeline_run, small_corpus):
+    root, _ = pipeline_run
+    proc = run_script(*pipeline_args(small_corpus, root), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = json.loads((root / "models" / "training_summary.json").read_text())["stages"]
+    assert [s["status"] for s in stages[:3]] == ["skipped (already built)", "skipped (already trained)",
+                                                 "skipped (already trained)"]
+
+
+def test_killed_during_simone_resumes_without_retraining_gpt2(small_corpus, tmp_path):
+    args = pipeline_args(small_corpus, tmp_path, steps=48)
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "models" / "simone_enhanced" / "training_history.json"
+    deadline = time.time() + 600
+    while not history.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # to the orchestrator only; it passes it on to the trainer
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    checkpoints = list((tmp_path / "models" / "simone_enhanced" / "checkpoints").glob("step_*"))
+    assert checkpoints and not (tmp_path / "models" / "simone_enhanced" / "run_summary.json").exists()
+    gpt2_weights = (tmp_path / "models" / "mvlm_gpt2" / "model.safetensors").stat().st_mtime_ns
+
+    again = run_script(*pipeline_args(small_corpus, tmp_path, steps=48), timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = json.loads((tmp_path / "models" / "training_summary.json").read_text())["stages"]
+    assert {s["stage"]: s["status"] for s in stages}["gpt2"] == "skipped (already trained)"
+    assert {s["stage"]: s["status"] for s in stages}["simone"] == "resumed and done"
+    assert "resumed from" in (tmp_path / "logs" / "simone.log").read_text()
+    assert (tmp_path / "models" / "mvlm_gpt2" / "model.safetensors").stat().st_mtime_ns == gpt2_weights
+
+
+def validate(root):
+    return run_script(VALIDATE, "--models_dir", root / "models", "--download_dir", root / "downloads",
+                      "--data_dir", json.loads((root / "models" / "mvlm_gpt2" / "train_config.json").read_text())
+                      ["data_dir"], *QUICK_VALIDATION, timeout=900)
+
+
+@pytest.fixture
+def copy_of_run(pipeline_run, tmp_path):
+    root, _ = pipeline_run
+    shutil.copytree(root / "models", tmp_path / "models", ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    shutil.copytree(root / "downloads", tmp_path / "downloads")
+    shutil.rmtree(tmp_path / "models" / "simone_enhanced")  # one model is enough to show each failure
+    return tmp_path
+
+
+def test_changed_archive_byte_fails_and_names_the_archive(copy_of_run):
+    archive = copy_of_run / "downloads" / "mvlm_gpt2.tar.gz"
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    proc = validate(copy_of_run)
+    assert proc.returncode == 1
+    assert "FAILED archives" in proc.stderr and "mvlm_gpt2.tar.gz" in proc.stderr
+
+
+def test_truncated_weights_fail_and_name_the_file(copy_of_run):
+    weights = copy_of_run / "models" / "mvlm_gpt2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = validate(copy_of_run)
+    assert proc.returncode == 1
+    assert "FAILED integrity" in proc.stderr and "mvlm_gpt2/model.safetensors" in proc.stderr
+
+
+def test_missing_tokenizer_fails_and_names_the_file(copy_of_run):
+    (copy_of_run / "models" / "mvlm_gpt2" / "tokenizer.json").unlink()
+    proc = validate(copy_of_run)
+    assert proc.returncode == 1
+    assert "FAILED integrity" in proc.stderr and "mvlm_gpt2/tokenizer.json: missing" in proc.stderr

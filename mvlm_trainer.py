@@ -127,10 +127,7 @@ def main(argv=None) -> None:
                             batches=LMBatches(sampler), flops_per_token=flops,
                             export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out),
                             config=resolved)
-        summary = fit(cfg, task, runtime, data)
-        if runtime.is_main:
-            print(f"[train] done: held-out loss {summary['final_val_loss']:.4f}, "
-                  f"{summary['final_val_bpb']:.4f} bits/byte; model in {cfg.output_dir}")
+        fit(cfg, task, runtime, data)
     finally:
         stop_runtime(runtime)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from mvlm_engine.checkpoint import step_checkpoints
 from mvlm_engine.corpus import MANIFEST_NAME
 from mvlm_engine.errors import UserError, user_errors_exit
-from mvlm_engine.tokenizer import atomic_write_text
+from mvlm_engine.fileio import atomic_write_text
 
 PROG = "train_all_models.py"
 REPO = Path(__file__).resolve().parent

@@ -44,7 +44,8 @@ from mvlm_engine.packaging import MODEL_MANIFEST, PIPELINE_MODELS, archive_listi
     check_sha256sums  # noqa: E402
 from mvlm_engine.parallel import ParallelVerses, retrieval_at_1  # noqa: E402
 from mvlm_engine.runtime import Runtime  # noqa: E402
-from mvlm_engine.tokenizer import atomic_write_text, token_byte_lengths  # noqa: E402
+from mvlm_engine.fileio import atomic_write_text  # noqa: E402
+from mvlm_engine.tokenizer import token_byte_lengths  # noqa: E402
 from mvlm_engine.trainer import evaluate  # noqa: E402
 
 PROG = "validate_models.py"

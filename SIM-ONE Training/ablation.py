@@ -47,7 +47,6 @@ def slug(name: str) -> str:
 def held_out_retrieval(model_dir: Path, data_dir: str, pairs: int, max_tokens: int) -> float:
     """Retrieval@1 between two translations of held-out verses, mean-pooled final hidden states."""
     import numpy as np
-    import torch
     from tokenizers import Tokenizer
 
     from mvlm_engine.parallel import ParallelVerses, retrieval_at_1

@@ -92,10 +92,7 @@ def main(argv=None) -> None:
     cfg = setup(argv)
     runtime = start_runtime(cfg.device, cfg.precision, cfg.compile)
     try:
-        summary = EnhancedPrioritaryTrainer(cfg, runtime).train()
-        if runtime.is_main:
-            print(f"[train] done: held-out loss {summary['final_val_loss']:.4f}, "
-                  f"{summary['final_val_bpb']:.4f} bits/byte; model in {cfg.output_dir}")
+        EnhancedPrioritaryTrainer(cfg, runtime).train()
     finally:
         stop_runtime(runtime)
 

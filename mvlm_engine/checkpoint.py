@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .corpus import fsync_dir
+from .fileio import fsync_dir
 from .errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")

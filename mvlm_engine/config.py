@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import UserError
-from .tokenizer import atomic_write_text
+from .fileio import atomic_write_text
 
 T = TypeVar("T")
 

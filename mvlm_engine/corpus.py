@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .fileio import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 VERSES_NAME = "verses.jsonl"
@@ -59,15 +59,6 @@ class Corpus:
                         yield text
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_text_strict(path: Path) -> str:
     data = path.read_bytes()
     if b"\0" in data:
@@ -106,10 +97,6 @@ def split_tail(text: str, split: str) -> str:
     return "".join(lines[:cut] if split == "train" else lines[cut:])
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _is_extra_candidate(rel: Path) -> bool:
     if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
         return False
@@ -137,7 +124,7 @@ def load_corpus(data_dir: str | Path) -> Corpus:
             path = root / entry["path"]
             if not path.is_file():
                 raise UserError(f"{path} is listed in the manifest but missing; {PREPARE_HINT}")
-            files.append(CorpusFile(path, entry["path"], entry["split"], file_sha256(path)))
+            files.append(CorpusFile(path, entry["path"], entry["split"], sha256_file(path)))
             listed.add(entry["path"])
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
@@ -146,7 +133,7 @@ def load_corpus(data_dir: str | Path) -> Corpus:
         if path.suffix.lower() in CORPUS_SUFFIXES:
             read_documents(path)  # validates UTF-8 / JSON now, with the file named
             split = "train" if manifest else "split"
-            files.append(CorpusFile(path, rel.as_posix(), split, file_sha256(path)))
+            files.append(CorpusFile(path, rel.as_posix(), split, sha256_file(path)))
         elif not path.name.endswith(IGNORED_SUFFIXES):
             raise UserError(f"{path} is not a corpus file; the corpus folder takes UTF-8 .txt, .md "
                             "or .jsonl files (move it elsewhere)")

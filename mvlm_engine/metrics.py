@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import atomic_write_text
+from .fileio import atomic_write_text
 
 # Dense bf16 peak, the one stated reference for MFU (DESIGN.md, "Performance").
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

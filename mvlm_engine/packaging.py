@@ -8,26 +8,17 @@ functions return problems as messages that name the file, for validate_models.py
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
 import tarfile
 from pathlib import Path
 
-from .tokenizer import atomic_write_text
+from .fileio import atomic_write_text, sha256_file
 
 MODEL_MANIFEST = "model_manifest.json"
 NOT_PACKAGED = {"checkpoints", "tensorboard"}
 SUMS_NAME = "SHA256SUMS"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_files(model_dir: Path) -> list[Path]:

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 
 from .corpus import Corpus
 from .errors import UserError
-from .tokenizer import atomic_write_text, eos_id, tokenizer_hash
+from .fileio import atomic_write_text
+from .tokenizer import eos_id, tokenizer_hash
 
 ENCODE_BATCH_DOCS = 256
 

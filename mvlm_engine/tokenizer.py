@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .corpus import Corpus
 from .errors import UserError
+from .fileio import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -23,15 +23,6 @@ EOS_TOKEN = "<|endoftext|>"
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
     """Content hash of a tokenizer: the same vocabulary and merges give the same hash."""
     return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:

@@ -34,7 +34,8 @@ from .packaging import write_model_manifest
 from .runtime import Runtime
 from .schedule import get_lr
 from .shards import TokenShards, build_token_shards
-from .tokenizer import atomic_write_text, get_or_train_tokenizer, token_byte_lengths, tokenizer_hash
+from .fileio import atomic_write_text
+from .tokenizer import get_or_train_tokenizer, token_byte_lengths
 
 
 class TrainingInterrupted(Exception):
@@ -350,5 +351,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
         plot_history(history.data, out / "loss_curve.png", task.name)
         atomic_write_text(out / "run_summary.json", json.dumps(summary, indent=1) + "\n")
         write_model_manifest(out)  # last: validation checks every file against it
+        print(f"[train] done: held-out loss {summary['final_val_loss']:.4f}, {summary['final_val_bpb']:.4f} "
+              f"bits/byte; model in {out}")
     runtime.barrier()
     return summary

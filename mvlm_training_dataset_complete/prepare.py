@@ -18,7 +18,6 @@ Testament books, so the validation loss is not flattered by the same verse in an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,8 @@ import sys
 from importlib import import_module
 from pathlib import Path
 
-from mvlm_engine.corpus import BUILD_MARKER, MANIFEST_NAME, VERSES_NAME, fsync_dir
+from mvlm_engine.corpus import BUILD_MARKER, MANIFEST_NAME, VERSES_NAME
+from mvlm_engine.fileio import fsync_dir, sha256_file
 from mvlm_engine.errors import UserError, fail, user_errors_exit
 
 # Whole books held out of training in every translation: three Old Testament, two New.
@@ -149,14 +149,6 @@ def book_file_name(book_number: int, title: str) -> str:
     return f"{book_number:02d}_{title.replace(' ', '_')}.txt"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_corpus(stage: Path, codes: list[str], books: set[str] | None) -> dict:
     """Write every file into `stage` and return the manifest (without timestamps: deterministic)."""
     import pythonbible
@@ -183,7 +175,7 @@ def write_corpus(stage: Path, codes: list[str], books: set[str] | None) -> dict:
                 chars += len(body)
                 files.append({"path": rel, "translation": code, "book": book, "split": split,
                               "chars": len(body), "bytes": len(body.encode("utf-8")),
-                              "sha256": sha256_of(stage / rel)})
+                              "sha256": sha256_file(stage / rel)})
             status, why = TRANSLATIONS[code]
             translations.append({"code": code, "title": title, "licence": status, "note": why,
                                  "books": len(by_book), "chars": chars})
@@ -201,7 +193,7 @@ def write_corpus(stage: Path, codes: list[str], books: set[str] | None) -> dict:
         "excluded_translations": excluded,
         "total_chars": sum(f["chars"] for f in files),
         "files": files,
-        "verses_jsonl": {"path": VERSES_NAME, "sha256": sha256_of(stage / VERSES_NAME),
+        "verses_jsonl": {"path": VERSES_NAME, "sha256": sha256_file(stage / VERSES_NAME),
                          "bytes": (stage / VERSES_NAME).stat().st_size},
     }
 

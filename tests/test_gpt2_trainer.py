@@ -131,7 +131,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run_bit_for_bit(small_corpus, 
 
     resumed = run_script(*tiny_args(small_corpus, out, *common, "--resume_from", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     assert_same_weights(tmp_path / "full" / "model.safetensors", out / "model.safetensors")
     history_a = json.loads((tmp_path / "full" / "training_history.json").read_text())
     history_b = json.loads((out / "training_history.json").read_text())

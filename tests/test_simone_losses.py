@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from prioritary_mvlm.advanced_losses import (CompositeObjective, alignment_loss, combine_losses, mean_pool,
                                              multi_token_loss, next_token_loss, z_loss)

@@ -135,3 +135,18 @@ def test_builder_bad_input_is_one_line(tmp_path):
     proc = run_script(PREPARE, "--output_dir", tmp_path / "file", "--books", "Ruth")
     assert_one_line_error(proc, "is a file")
     assert not (tmp_path / "x").exists()
+
+
+def test_licence_table_matches_the_builder():
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("prepare", PREPARE)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    rows = [line.split(" | ") for line in (REPO / "mvlm_training_dataset_complete" / "LICENSES.md").read_text()
+            .splitlines() if line.startswith("| ") and not line.startswith("| code") and "---" not in line]
+    table = {row[0].strip("| "): (row[1], row[2], row[3].strip(" |") == "yes") for row in rows}
+    expected = {code: (status, note, code in prepare.DEFAULT_TRANSLATIONS)
+                for code, (status, note) in prepare.TRANSLATIONS.items()}
+    assert table == expected
+    assert len(prepare.DEFAULT_TRANSLATIONS) >= 20

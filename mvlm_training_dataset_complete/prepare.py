@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import shutil
 import sys
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--translations", default="default",
                         help="comma-separated codes (e.g. KJV,WEB), 'default' (the clearly public-domain "
                              f"ones: {len(DEFAULT_TRANSLATIONS)}) or 'all' ({len(TRANSLATIONS)})")
+    parser.add_argument("--from_verses", type=Path, default=None,
+                        help="rebuild from a verses.jsonl (or .jsonl.xz) of an earlier build, with its manifest.json "
+                             "beside it; needs no pythonbible (for machines without it, e.g. a GPU box)")
     parser.add_argument("--books", default="all",
                         help="comma-separated book names to limit the build (e.g. Ruth,John,Philippians); "
                              "'all' by default")
@@ -149,16 +153,42 @@ def book_file_name(book_number: int, title: str) -> str:
     return f"{book_number:02d}_{title.replace(' ', '_')}.txt"
 
 
-def write_corpus(stage: Path, codes: list[str], books: set[str] | None) -> dict:
-    """Write every file into `stage` and return the manifest (without timestamps: deterministic)."""
+def pythonbible_source(codes: list[str], books: set[str] | None):
+    """Yield (code, title, {book: verses}) from the installed translation packages."""
+    for code in codes:
+        yield code, load_bible(code).version.title, build_translation(code, books)
+
+
+def pythonbible_book_numbers() -> dict[str, int]:
     import pythonbible
 
-    book_numbers = {book.title: book.value for book in pythonbible.Book}
-    files, translations = [], []
+    return {book.title: book.value for book in pythonbible.Book}
+
+
+def verses_source(path: Path):
+    """(translations, book numbers, earlier manifest) from an earlier build's verses.jsonl[.xz]."""
+    manifest_path = path.parent / MANIFEST_NAME
+    if not path.is_file() or not manifest_path.is_file():
+        raise UserError(f"--from_verses needs {path} and {manifest_path} (both from the same build)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    titles = {t["code"]: t["title"] for t in manifest["translations"]}
+    book_numbers = {f["book"]: int(Path(f["path"]).name.split("_", 1)[0]) for f in manifest["files"]}
+    grouped: dict[str, dict[str, list]] = {}
+    with (lzma.open(path, "rt", encoding="utf-8") if path.suffix == ".xz" else open(path, encoding="utf-8")) as handle:
+        for line in handle:
+            r = json.loads(line)
+            grouped.setdefault(r["translation"], {}).setdefault(r["book"], []).append((r["chapter"], r["verse"], r["text"]))
+    return [(code, titles[code], by_book) for code, by_book in grouped.items()], book_numbers, manifest
+
+
+def write_corpus(stage: Path, translations, book_numbers: dict[str, int], heldout: list[str], source: str) -> dict:
+    """Write every file into `stage` and return the manifest (without timestamps: deterministic).
+
+    translations: (code, title, {book: [(chapter, verse, text), ...]}) in build order.
+    """
+    files, summaries = [], []
     with open(stage / VERSES_NAME, "w", encoding="utf-8", newline="\n") as verses_out:
-        for code in codes:
-            by_book = build_translation(code, books)
-            title = load_bible(code).version.title
+        for code, title, by_book in translations:
             (stage / code).mkdir()
             chars = 0
             for book, verses in sorted(by_book.items(), key=lambda item: book_numbers[item[0]]):
@@ -177,19 +207,20 @@ def write_corpus(stage: Path, codes: list[str], books: set[str] | None) -> dict:
                               "chars": len(body), "bytes": len(body.encode("utf-8")),
                               "sha256": sha256_file(stage / rel)})
             status, why = TRANSLATIONS[code]
-            translations.append({"code": code, "title": title, "licence": status, "note": why,
-                                 "books": len(by_book), "chars": chars})
+            summaries.append({"code": code, "title": title, "licence": status, "note": why,
+                              "books": len(by_book), "chars": chars})
     if not files:
         raise UserError("the selection produced no verses; check --translations and --books")
+    codes = [t["code"] for t in summaries]
     excluded = [{"code": code, "licence": TRANSLATIONS[code][0], "note": TRANSLATIONS[code][1]}
                 for code in TRANSLATIONS if code not in codes]
     return {
         "format_version": 1,
-        "source": f"pythonbible {pythonbible.__version__} translation packages (plain_text_readers)",
+        "source": source,
         "licence_policy": "the default build uses only translations that are clearly public domain; "
                           "'excluded' lists the others and why (add them with --translations all)",
-        "heldout_books": [b for b in HELD_OUT_BOOKS if books is None or b in books],
-        "translations": translations,
+        "heldout_books": heldout,
+        "translations": summaries,
         "excluded_translations": excluded,
         "total_chars": sum(f["chars"] for f in files),
         "files": files,
@@ -224,7 +255,16 @@ def install(stage: Path, out: Path, manifest: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    codes, books = resolve_selection(args)
+    if args.from_verses:
+        translations, book_numbers, earlier = verses_source(args.from_verses.resolve())
+        heldout, source = earlier["heldout_books"], earlier["source"]
+    else:
+        import pythonbible
+
+        codes, books = resolve_selection(args)
+        translations, book_numbers = pythonbible_source(codes, books), pythonbible_book_numbers()
+        heldout = [b for b in HELD_OUT_BOOKS if books is None or b in books]
+        source = f"pythonbible {pythonbible.__version__} translation packages (plain_text_readers)"
     out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     stage = out / ".building"
@@ -232,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(stage)
     stage.mkdir()
     try:
-        manifest = write_corpus(stage, codes, books)
+        manifest = write_corpus(stage, translations, book_numbers, heldout, source)
         install(stage, out, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

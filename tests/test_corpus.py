@@ -150,3 +150,19 @@ def test_licence_table_matches_the_builder():
                 for code, (status, note) in prepare.TRANSLATIONS.items()}
     assert table == expected
     assert len(prepare.DEFAULT_TRANSLATIONS) >= 20
+
+
+def test_rebuild_from_compressed_verses_needs_no_pythonbible_and_matches(small_corpus, tmp_path):
+    import lzma
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "verses.jsonl.xz").write_bytes(lzma.compress((small_corpus / "verses.jsonl").read_bytes()))
+    shutil.copy(small_corpus / "manifest.json", pack / "manifest.json")
+    blocker = tmp_path / "no_pythonbible"
+    blocker.mkdir()
+    (blocker / "pythonbible.py").write_text("raise ImportError('pythonbible is not installed here')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(blocker)}
+    proc = run_script(PREPARE, "--from_verses", pack / "verses.jsonl.xz", "--output_dir", tmp_path / "rebuilt", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "rebuilt" / "manifest.json").read_bytes() == (small_corpus / "manifest.json").read_bytes()
+    assert (tmp_path / "rebuilt" / "verses.jsonl").read_bytes() == (small_corpus / "verses.jsonl").read_bytes()

@@ -110,8 +110,6 @@ class LoadedModel:
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, D) after the last norm: what the LM head reads."""
-        if self.remote:
-            return self.hf.model(ids).hidden_states
         return self.hf(ids, output_hidden_states=True).hidden_states[-1]
 
     @torch.no_grad()
@@ -119,13 +117,8 @@ class LoadedModel:
                  seed: int = 0) -> torch.Tensor:
         torch.manual_seed(seed)
         options = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.1) if sample else {}
-        if self.remote:  # the native generate: its KV cache can be switched off
-            native = dict(temperature=options.get("temperature", 0.0), top_p=options.get("top_p"),
-                          repetition_penalty=options.get("repetition_penalty", 1.0))
-            return self.hf.model.generate(ids, max_new_tokens=max_new_tokens, use_cache=use_cache, **native).tokens
         return self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=sample, use_cache=use_cache,
-                                pad_token_id=self.eos, **options)
+                                do_sample=sample, use_cache=use_cache, pad_token_id=self.eos, **options)
 
 
 CLEAN_LOAD = ISOLATE_FROM_REPO + r"""

@@ -438,3 +438,31 @@ def test_generation_stops_at_eos_and_hf_generate_pads(tmp_path):
     assert torch.equal(wrapper.generate(prompt, max_new_tokens=6, do_sample=False), free)
     with pytest.raises(ValueError, match="unsupported generate arguments"):
         wrapper.generate(prompt, max_new_tokens=2, not_an_option=True)
+
+
+def test_hf_wrapper_honours_use_cache_and_returns_final_hidden_states(tmp_path):
+    from simone_transformer.hf_model import SimOneForCausalLM, save_pretrained_dir
+
+    torch.manual_seed(0)
+    native = SimOneModel(preset_config("tiny", vocab_size=96, max_seq_len=64, memory_tokens=2)).eval()
+    save_pretrained_dir(native, tmp_path / "m")
+    hf = SimOneForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 96, (1, 7))
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+        assert torch.equal(out.hidden_states[-1], native(ids).hidden_states)
+    calls = []
+    original = native.__class__.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("use_cache"))
+        return original(self, *args, **kwargs)
+
+    native.__class__.generate = spy
+    try:
+        with_cache = hf.generate(ids, max_new_tokens=6, do_sample=False)
+        without = hf.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    finally:
+        native.__class__.generate = original
+    assert calls == [True, False]
+    assert torch.equal(with_cache, without)

@@ -95,23 +95,27 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, labels=None, **kwargs) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, labels=None, output_hidden_states=False,
+                **kwargs) -> CausalLMOutput:
         """Logits (B, T, V); with labels (B, T), also the shifted next-token loss
-        (-100 ignored), as in transformers' causal LMs. Extra HF bookkeeping kwargs
-        (return_dict, use_cache, ...) are accepted and ignored."""
+        (-100 ignored), as in transformers' causal LMs. With output_hidden_states, a
+        1-tuple holding the final normed hidden states (B, T, D), the LM head's input.
+        Extra HF bookkeeping kwargs (return_dict, use_cache, ...) are accepted and ignored."""
         _reject_padding(attention_mask)
-        logits = self.model(input_ids).logits
+        out = self.model(input_ids)
+        logits = out.logits
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutput(loss=loss, logits=logits)
+        hidden = (out.hidden_states,) if output_hidden_states else None
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, generation_config=None, **kwargs):
         """HF-style generate: max_new_tokens / max_length, do_sample, temperature, top_k,
-        top_p, repetition_penalty, eos_token_id. Greedy unless do_sample=True. Returns
+        top_p, repetition_penalty, eos_token_id, use_cache. Greedy unless do_sample=True. Returns
         the token tensor (B, T + n), prompt included. Rows that finished early are
         padded with eos (or pad_token_id when set). No beams, no padded batches."""
         _reject_padding(attention_mask)
@@ -136,6 +140,7 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
             top_p=gc.top_p if gc.do_sample else None,
             repetition_penalty=gc.repetition_penalty or 1.0,
             eos_token_id=eos,
+            use_cache=gc.use_cache if gc.use_cache is not None else True,
         )
         tokens = result.tokens
         if eos is not None and gc.pad_token_id is not None and gc.pad_token_id != eos:

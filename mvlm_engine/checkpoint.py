@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -89,6 +90,32 @@ def step_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def recover_interrupted_swaps(root: Path) -> None:
+    """A crash between the two renames of a checkpoint replacement leaves only `.old-NAME`:
+    put it back. Unfinished `.tmp-NAME` folders are incomplete by construction: drop them."""
+    if not root.is_dir():
+        return
+    for old in root.glob(".old-*"):
+        target = root / old.name.removeprefix(".old-")
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, target)
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp)
+
+
+def set_aside_later_checkpoints(root: Path, resumed: Path, step: int) -> list[Path]:
+    """Resuming from an earlier checkpoint abandons the later ones: move them to
+    checkpoints/abandoned/ (kept, not deleted) so `latest` and pruning see only this run."""
+    later = [p for p in step_checkpoints(root) if int(STEP_DIR.match(p.name).group(1)) > step and p != resumed]
+    if later:
+        (root / "abandoned").mkdir(exist_ok=True)
+        for path in later:
+            os.replace(path, root / "abandoned" / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    return later
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
     for stale in step_checkpoints(root)[:-keep]:
         shutil.rmtree(stale)
@@ -127,10 +154,12 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, to
         result = load_model(module, str(folder / "model.safetensors"), strict=True)
         if result and any(result):
             raise ValueError(f"mismatched keys: {result}")
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        # map_location cpu: every rank reads rank 0's file; load_state_dict moves the optimizer
+        # state to each parameter's own device.
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         if scaler is not None and scaler.is_enabled() and (folder / "scaler.pt").is_file():
-            scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
-        tensors = torch.load(folder / "rng_state.pt", weights_only=True)
+            scaler.load_state_dict(torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True))
+        tensors = torch.load(folder / "rng_state.pt", map_location="cpu", weights_only=True)
         state = json.loads((folder / "trainer_state.json").read_text())
     except UserError:
         raise

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file, fsync and rename: readers see the old or the new file, whole."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: several processes may write
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -44,7 +45,8 @@ def resolve_device(requested: str) -> torch.device:
         raise UserError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    # Modulo: launchers that show each process only its own GPU give LOCAL_RANK > 0 with one device.
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -77,7 +79,9 @@ def start_runtime(device: str, precision: str, compile_flag: bool | None) -> Run
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # A long timeout: on a first run, the other ranks wait while rank 0 trains the tokenizer.
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
     return Runtime(rank, local_rank, world_size, dev, resolve_precision(precision, dev),
                    resolve_compile(compile_flag, dev))
 

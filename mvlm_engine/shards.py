@@ -74,7 +74,7 @@ def build_token_shards(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path) ->
 
 
 def _tokenize_into(folder: Path, corpus: Corpus, tokenizer: Tokenizer, tok_hash: str) -> None:
-    staging = folder.with_name(folder.name + ".tmp")
+    staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")  # unique per process (multi-node)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
@@ -83,5 +83,8 @@ def _tokenize_into(folder: Path, corpus: Corpus, tokenizer: Tokenizer, tok_hash:
     meta = {"dtype": dtype, "tokens": counts, "tokenizer_hash": tok_hash, "corpus_hash": corpus.hash,
             "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
     atomic_write_text(staging / "meta.json", json.dumps(meta, indent=1) + "\n")
+    if (folder / "meta.json").is_file():  # another node on a shared filesystem finished first
+        shutil.rmtree(staging)
+        return
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)

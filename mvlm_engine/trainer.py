@@ -24,13 +24,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import BEST, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .checkpoint import (BEST, load_checkpoint, prune_checkpoints, recover_interrupted_swaps, resolve_resume,
+                         save_checkpoint, set_aside_later_checkpoints)
 from .config import TrainConfig, save_config_json
 from .corpus import load_corpus
 from .data import BlockSampler, eval_windows, gather_windows
 from .errors import UserError
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
-from .packaging import write_model_manifest
+from .packaging import MODEL_MANIFEST, write_model_manifest
 from .runtime import Runtime
 from .schedule import get_lr
 from .shards import TokenShards, build_token_shards
@@ -90,7 +91,8 @@ class LMBatches:
 
 
 def prepare_token_data(cfg: TrainConfig, runtime: Runtime, tokenizer_factory=None) -> TokenData:
-    """Corpus -> tokenizer -> token shards, all cached. Rank 0 builds; the others then read."""
+    """Corpus -> tokenizer -> token shards, all cached. The first process of each node builds
+    (nodes may not share a filesystem); the others wait, then read the cache."""
     cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data_dir) / ".cache"
     corpus = load_corpus(cfg.data_dir)
 
@@ -101,10 +103,11 @@ def prepare_token_data(cfg: TrainConfig, runtime: Runtime, tokenizer_factory=Non
             tokenizer, path = get_or_train_tokenizer(corpus, cfg.vocab_size, cache)
         return tokenizer, path, build_token_shards(corpus, tokenizer, cache)
 
-    if not runtime.is_main:
+    builder = runtime.local_rank == 0
+    if not builder:
         runtime.barrier()
     tokenizer, path, shards = build()
-    if runtime.is_main:
+    if builder:
         runtime.barrier()
     return TokenData(tokenizer, path, shards, token_byte_lengths(tokenizer))
 
@@ -158,7 +161,7 @@ class StopSignal:
     """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop at the next step."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.first_at = 0, 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -167,9 +170,12 @@ class StopSignal:
         return self
 
     def _handle(self, signum, _frame):
-        if self.signum:  # a second signal: stop now
+        # A second signal more than 3 s later means "stop now". Sooner, it is the same request
+        # delivered twice (torchrun forwards what a scheduler may also send to every process).
+        if self.signum and time.monotonic() - self.first_at > 3.0:
             raise KeyboardInterrupt
-        self.signum = signum
+        if not self.signum:
+            self.signum, self.first_at = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -198,10 +204,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
 
     history = History(out / "training_history.json", checkpoint_config)
     if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config_json(task.config, out / "train_config.json")
-    if cfg.overwrite and not cfg.resume_from and runtime.is_main:
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the user asked to start over
+        recover_interrupted_swaps(ckpt_root)
     if cfg.resume_from:
         folder = resolve_resume(cfg.resume_from, ckpt_root)
         saved = load_checkpoint(folder, objective, optimizer, scaler, data.tokenizer_hash)
@@ -210,11 +213,32 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
         history.resume(state["step"])
         if runtime.is_main:
             print(f"[train] resumed from {folder} at step {state['step']}")
+            for path in set_aside_later_checkpoints(ckpt_root, folder, state["step"]):
+                print(f"[train] later checkpoint {path.name} belongs to the abandoned run: moved to "
+                      f"{ckpt_root / 'abandoned'}")
+            saved_total = saved.get("schedule", {}).get("total_steps")
+            if saved_total not in (None, steps):
+                print(f"[train] WARNING: the run was planned for {saved_total} steps and now has {steps}; the "
+                      "cosine schedule is stretched from here (same --max_steps / --num_epochs / "
+                      "--gradient_accumulation_steps keep it unchanged)")
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume_from:
+            if cfg.overwrite:
+                shutil.rmtree(ckpt_root, ignore_errors=True)  # the user asked to start over
+            for marker in ("run_summary.json", MODEL_MANIFEST):  # an earlier run's "finished" markers
+                (out / marker).unlink(missing_ok=True)
+        save_config_json(task.config, out / "train_config.json")
 
-    model = torch.compile(objective) if runtime.compile else objective
+    # DDP first, then compile: the compiled graph is split at DDP's buckets so gradient
+    # all-reduce overlaps the backward pass.
+    ddp = None
     if runtime.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    model = ddp or objective
+    if runtime.compile:
+        model = torch.compile(model)
     board = TensorBoard(out / "tensorboard", enabled=runtime.is_main)
     peak = peak_flops(runtime.device)
 
@@ -259,7 +283,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
             for micro in range(cfg.gradient_accumulation_steps):
                 batch = to_device(task.batches.next_batch(), runtime.device)
                 last_micro = micro == cfg.gradient_accumulation_steps - 1
-                sync = contextlib.nullcontext() if last_micro or not runtime.distributed else model.no_sync()
+                sync = contextlib.nullcontext() if last_micro or ddp is None else ddp.no_sync()
                 with sync:
                     with runtime.autocast():
                         loss, terms = model(batch)
@@ -325,6 +349,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
                 window_start, window_tokens = time.perf_counter(), 0
                 loss_window, terms_window, window_steps = 0.0, {}, 0
 
+            paused = time.perf_counter()
             if step % cfg.eval_interval == 0 or step == steps:
                 last_eval = run_eval()
                 if runtime.is_main:
@@ -332,6 +357,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
                                    f"{last_eval['val_bpb']:.4f} bits/byte")
             if step % cfg.save_interval == 0 or step == steps or stop_requested:
                 checkpoint(f"step_{step:06d}")
+            window_start += time.perf_counter() - paused  # tokens/s counts training time only
             if stop_requested and step < steps:
                 progress.close()
                 board.close()
@@ -339,6 +365,8 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
                                           f"{ckpt_root}; continue with --resume_from latest",
                                           128 + (stop.signum or signal.SIGTERM))
     progress.close()
+    if not last_eval:  # resumed at (or past) the last step, e.g. after a crash during export
+        last_eval = run_eval()
     board.close()
     summary = {"status": "complete", "model": task.name, "steps": steps, "tokens_per_step": tokens_per_step,
                "tokens_seen": steps * tokens_per_step, "wall_seconds_this_process": time.perf_counter() - started,
@@ -348,7 +376,10 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
                "tokenizer_hash": data.tokenizer_hash}
     if runtime.is_main:
         task.export(out)
-        plot_history(history.data, out / "loss_curve.png", task.name)
+        try:
+            plot_history(history.data, out / "loss_curve.png", task.name)
+        except Exception as err:  # a plot must never cost a finished run its summary
+            print(f"[train] WARNING: loss_curve.png not written ({err.__class__.__name__}: {err})")
         atomic_write_text(out / "run_summary.json", json.dumps(summary, indent=1) + "\n")
         write_model_manifest(out)  # last: validation checks every file against it
         print(f"[train] done: held-out loss {summary['final_val_loss']:.4f}, {summary['final_val_bpb']:.4f} "

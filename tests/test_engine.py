@@ -72,3 +72,18 @@ def test_non_finite_steps_are_skipped_and_training_goes_on(small_corpus, tmp_pat
 def test_a_loss_that_stays_non_finite_stops_the_run(small_corpus, tmp_path):
     with pytest.raises(UserError, match="not finite for 3 steps in a row"):
         run(small_corpus, tmp_path, bad_calls=set(range(3, 100)))
+
+
+def test_checkpoint_swap_recovery_and_abandoned_checkpoints(tmp_path):
+    from mvlm_engine.checkpoint import recover_interrupted_swaps, set_aside_later_checkpoints, step_checkpoints
+    root = tmp_path / "checkpoints"
+    for name in ("step_000010", "step_000020", "step_000030", ".old-best_model", ".tmp-step_000040"):
+        (root / name).mkdir(parents=True)
+        (root / name / "marker").write_text(name)
+    recover_interrupted_swaps(root)  # a crash between the two renames of best_model
+    assert (root / "best_model" / "marker").read_text() == ".old-best_model"
+    assert not (root / ".tmp-step_000040").exists()
+    moved = set_aside_later_checkpoints(root, root / "step_000010", 10)
+    assert [p.name for p in moved] == ["step_000020", "step_000030"]
+    assert [p.name for p in step_checkpoints(root)] == ["step_000010"]
+    assert len(list((root / "abandoned").iterdir())) == 2  # kept, not deleted

@@ -169,10 +169,3 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, to
                         "resume from another checkpoint") from None
     restore_rng(tensors, state.pop("rng"))
     return state
-
-
-def read_checkpoint_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"checkpoint {folder} has no readable config.json; resume from another checkpoint") from None

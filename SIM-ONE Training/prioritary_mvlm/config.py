@@ -6,7 +6,7 @@ one GPU with the seed's flags (batch 12 x 4 accumulation, 32K vocabulary, 3 epoc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from mvlm_engine.config import TrainConfig
 from simone_transformer import SimOneConfig, preset_config
@@ -101,7 +101,3 @@ def preset_values(name: str) -> dict:
     """Model shape (from simone_transformer's presets) plus the preset's training defaults."""
     shape = preset_config(name)
     return {**{k: getattr(shape, k) for k in MODEL_FIELDS}, **TRAINING_PRESETS[name], "preset": name}
-
-
-def field_names() -> set[str]:
-    return {f.name for f in fields(PrioritaryConfig)}

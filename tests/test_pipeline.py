@@ -125,3 +125,14 @@ def test_missing_tokenizer_fails_and_names_the_file(copy_of_run):
     proc = validate(copy_of_run)
     assert proc.returncode == 1
     assert "FAILED integrity" in proc.stderr and "mvlm_gpt2/tokenizer.json: missing" in proc.stderr
+
+
+def test_a_failed_stage_names_itself_and_its_log(small_corpus, tmp_path):
+    args = pipeline_args(small_corpus, tmp_path)
+    args[-1] = "--batch_size 0"  # the trainers refuse it
+    proc = run_script(*args, timeout=600)
+    assert proc.returncode == 1
+    assert "stage 'gpt2' failed" in proc.stderr and str(tmp_path / "logs" / "gpt2.log") in proc.stderr
+    assert "--batch_size must be > 0" in (tmp_path / "logs" / "gpt2.log").read_text()
+    stages = json.loads((tmp_path / "models" / "training_summary.json").read_text())["stages"]
+    assert stages[-1]["stage"] == "gpt2" and stages[-1]["status"] == "failed"

@@ -28,6 +28,13 @@ def run_script(*args, cwd=REPO, timeout=600, env=None):
                           timeout=timeout, env=env)
 
 
+def run_ok(*args, **kwargs):
+    """run_script that must succeed; the failure message shows the end of stderr."""
+    proc = run_script(*args, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 def assert_one_line_error(proc, *needles):
     """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
     assert proc.returncode != 0, proc.stdout

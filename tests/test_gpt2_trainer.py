@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ISOLATE_FROM_REPO, REPO, assert_one_line_error, assert_same_weights, run_script
+from conftest import ISOLATE_FROM_REPO, REPO, assert_one_line_error, assert_same_weights, run_ok, run_script
 
 TRAINER = REPO / "mvlm_trainer.py"
 VOCAB = 1024
@@ -26,9 +26,8 @@ def tiny_args(data_dir, out, *extra):
 @pytest.fixture(scope="module")
 def trained(small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt2") / "run"
-    proc = run_script(*tiny_args(small_corpus, out, "--max_steps", 150, "--eval_interval", 75,
-                                 "--save_interval", 75, "--log_interval", 5))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(*tiny_args(small_corpus, out, "--max_steps", 150, "--eval_interval", 75, "--save_interval", 75,
+                      "--log_interval", 5))
     return out
 
 

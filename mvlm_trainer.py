@@ -5,16 +5,17 @@
     python3 mvlm_trainer.py --preset tiny --device cpu   # CPU smoke run, about a minute
     torchrun --nproc_per_node=8 mvlm_trainer.py          # DDP
     python3 mvlm_trainer.py --resume_from latest         # continue an interrupted run
+    python3 mvlm_trainer.py --config models/mvlm_gpt2/train_config.json   # reproduce a run
 
 The result in --output_dir is a save_pretrained directory (config.json, model.safetensors,
 generation_config.json, tokenizer.json, tokenizer_config.json) that AutoModelForCausalLM and
 AutoTokenizer load with nothing of this repository installed, plus training_history.json,
-loss_curve.png, tensorboard/ and checkpoints/.
+loss_curve.png, tensorboard/, train_config.json (the resolved settings) and checkpoints/.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from mvlm_engine.env import apply_training_env
@@ -25,54 +26,69 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mvlm_engine import cli  # noqa: E402
-from mvlm_engine.data import BlockSampler  # noqa: E402
+from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting  # noqa: E402
+from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
 from mvlm_engine.errors import fail  # noqa: E402
+from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
-from mvlm_engine.tokenizer import eos_id, hf_tokenizer  # noqa: E402
-from mvlm_engine.trainer import LMBatches, TrainingTask, fit, prepare_token_data  # noqa: E402
+from mvlm_engine.shards import prepare_token_data  # noqa: E402
+from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer  # noqa: E402
+from mvlm_engine.trainer import TrainingTask, fit  # noqa: E402
 
 PROG = "mvlm_trainer.py"
-SEED_DEFAULTS = {"preset": "small", "data_dir": "mvlm_training_dataset_complete", "output_dir": "models/mvlm_gpt2",
-                 "batch_size": 16, "num_epochs": 3}
-# Model shape and the training defaults that go with it. Command-line flags override both.
-PRESETS = {
-    "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 4096, "block_size": 128,
-             "max_steps": 300, "learning_rate": 3e-3, "warmup_steps": 30, "log_interval": 10,
-             "eval_interval": 100, "save_interval": 100, "eval_windows": 64},
-    "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "block_size": 1024,
-              "learning_rate": 6e-4, "warmup_steps": 200},
-    "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "vocab_size": 50257, "block_size": 1024,
-               "learning_rate": 3e-4, "warmup_steps": 300},
-}
+log = get_logger("train")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser, tuple(PRESETS), SEED_DEFAULTS)
-    return parser.parse_args(argv)
+@dataclass
+class GPT2Shape:
+    """The architecture of an HF GPT-2 (GPT-2 small by default); vocabulary and context come
+    from the run's tokenizer and --block_size."""
+
+    n_layer: int = setting(12, "transformer blocks")
+    n_embd: int = setting(768, "width of the residual stream")
+    n_head: int = setting(12, "attention heads")
 
 
-def setup(argv=None):
+@dataclass
+class GPT2RunConfig(TrainConfig):
+    """Every setting of an MVLM-GPT2 run: the engine's plus the model shape."""
+
+    PRESETS = {
+        "tiny": {**CPU_SMOKE_TRAINING, "n_layer": 2, "n_embd": 128, "n_head": 4},
+        "small": {},
+        "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "learning_rate": 3e-4, "warmup_steps": 300},
+    }
+
+    preset: str = override(TrainConfig, "preset", "small")
+    output_dir: str = override(TrainConfig, "output_dir", "models/mvlm_gpt2")
+    vocab_size: int = override(TrainConfig, "vocab_size", 50257)
+    model: GPT2Shape = setting(factory=GPT2Shape)
+
+    def problems(self) -> list[str]:
+        errors = super().problems()
+        shape = self.model
+        errors += [f"--{name} must be > 0 (got {getattr(shape, name)})" for name in ("n_layer", "n_embd", "n_head")
+                   if getattr(shape, name) <= 0]
+        if shape.n_head > 0 and shape.n_embd % shape.n_head:
+            errors.append(f"--n_embd ({shape.n_embd}) must be divisible by --n_head ({shape.n_head})")
+        return errors
+
+
+def setup(argv=None) -> GPT2RunConfig:
     """Parse and check every argument; report all problems at once, before any work starts."""
-    args = parse_args(argv)
-    preset = PRESETS[args.preset or SEED_DEFAULTS["preset"]]
-    cfg = cli.resolve_train_config(args, SEED_DEFAULTS, preset)
-    errors = cfg.problems() + cli.data_dir_problems(cfg) + cli.output_dir_problems(cfg)
-    if preset["n_embd"] % preset["n_head"]:
-        errors.append("n_embd must be divisible by n_head")
-    fail(errors)
-    return args.preset or SEED_DEFAULTS["preset"], preset, cfg
+    cfg = cli.parse_run_config(GPT2RunConfig, argv, PROG, __doc__)
+    fail(cli.data_dir_problems(cfg) + cli.output_dir_problems(cfg))
+    return cfg
 
 
-def build_model(preset: dict, vocab_size: int, block_size: int, eos: int):
-    """A GPT-2 of the preset's shape, randomly initialised, with SDPA attention."""
+def build_model(shape: GPT2Shape, vocab_size: int, block_size: int, eos: int):
+    """A GPT-2 of this shape, randomly initialised, with SDPA attention."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=preset["n_embd"],
-                        n_layer=preset["n_layer"], n_head=preset["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                        tie_word_embeddings=True)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=shape.n_embd, n_layer=shape.n_layer,
+                        n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos,
+                        eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
     return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
 
 
@@ -100,37 +116,40 @@ def non_embedding_params(model) -> int:
 def export(model, tokenizer_path: Path, block_size: int, out: Path) -> None:
     """save_pretrained directory that the HF Auto classes load on their own."""
     model.save_pretrained(out)
-    hf_tokenizer(tokenizer_path, model_max_length=block_size).save_pretrained(out)
+    save_hf_tokenizer(tokenizer_path, block_size, out)
+
+
+def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
+    data = prepare_token_data(cfg, runtime)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.tokenizer.get_vocab_size(), cfg.block_size, eos_id(data.tokenizer))
+    sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
+                           runtime.rank, runtime.world_size)
+    shape = cfg.model
+    flops = transformer_flops_per_token(non_embedding_params(model), shape.n_layer, shape.n_embd, cfg.block_size)
+    if runtime.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        attention = sdpa_backend_name(runtime, shape.n_head, shape.n_embd // shape.n_head)
+        log.info(f"MVLM-GPT2 preset {cfg.preset}: {n_params / 1e6:.2f}M parameters, vocab "
+                 f"{model.config.vocab_size}, {runtime.world_size} x {runtime.device}, {runtime.precision}, "
+                 f"compile {runtime.compile}, SDPA backend {attention}; train tokens "
+                 f"{data.shards.meta['tokens']['train']:,}")
+    task = TrainingTask(name="MVLM-GPT2", objective=CausalLMObjective(model), logits=lambda m, x: m.logits(x),
+                        batches=LMBatches(sampler), flops_per_token=flops,
+                        export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out), config=cfg,
+                        description="MVLM-GPT2: a GPT-2 trained from scratch on the public-domain Bible corpus.")
+    return task, data
 
 
 def main(argv=None) -> None:
-    preset_name, preset, cfg = setup(argv)
+    cfg = setup(argv)
     runtime = start_runtime(cfg.device, cfg.precision, cfg.compile)
     try:
-        torch.manual_seed(cfg.seed)
-        data = prepare_token_data(cfg, runtime)
-        model = build_model(preset, data.tokenizer.get_vocab_size(), cfg.block_size, eos_id(data.tokenizer))
-        objective = CausalLMObjective(model)
-        sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
-                               runtime.rank, runtime.world_size)
-        flops = transformer_flops_per_token(non_embedding_params(model), preset["n_layer"], preset["n_embd"],
-                                            cfg.block_size)
-        resolved = {**vars(cfg), "preset": preset_name, "model": {k: preset[k] for k in ("n_layer", "n_embd", "n_head")}}
-        if runtime.is_main:
-            n_params = sum(p.numel() for p in model.parameters())
-            attention = sdpa_backend_name(runtime, preset["n_head"], preset["n_embd"] // preset["n_head"])
-            print(f"[train] MVLM-GPT2 preset {preset_name}: {n_params / 1e6:.2f}M parameters, vocab "
-                  f"{model.config.vocab_size}, {runtime.world_size} x {runtime.device}, {runtime.precision}, "
-                  f"compile {runtime.compile}, SDPA backend {attention}; train tokens "
-                  f"{data.shards.meta['tokens']['train']:,}")
-        task = TrainingTask(name="MVLM-GPT2", objective=objective, logits=lambda m, x: m.logits(x),
-                            batches=LMBatches(sampler), flops_per_token=flops,
-                            export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out),
-                            config=resolved)
+        task, data = build_task(cfg, runtime)
         fit(cfg, task, runtime, data)
     finally:
         stop_runtime(runtime)
 
 
 if __name__ == "__main__":
-    cli.exit_on_error(PROG, main, sys.argv[1:])
+    cli.run_cli(PROG, main, sys.argv[1:])

@@ -4,7 +4,7 @@
     python3 validate_models.py [--models_dir models] [--data_dir mvlm_training_dataset_complete]
                                [--download_dir models_for_download] [--json]
 
-For each model folder (mvlm_gpt2, simone_enhanced) found in --models_dir:
+For each model folder in --models_dir (--names, or every folder holding a model):
   integrity      expected files present, size and sha256 as in model_manifest.json
   sizes          bytes of every model file
   loading        AutoModelForCausalLM + AutoTokenizer from the folder alone, in a clean
@@ -21,14 +21,14 @@ validation_report.md and two PNG plots to --models_dir; exits 1 naming every fai
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from mvlm_engine.env import apply_training_env
 
@@ -37,16 +37,19 @@ apply_training_env()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mvlm_engine.cli import parse_run_config, run_cli  # noqa: E402
+from mvlm_engine.config import setting  # noqa: E402
 from mvlm_engine.corpus import load_corpus  # noqa: E402
-from mvlm_engine.errors import UserError, user_errors_exit  # noqa: E402
-from mvlm_engine.isolation import ISOLATE_FROM_REPO  # noqa: E402
-from mvlm_engine.packaging import MODEL_MANIFEST, PIPELINE_MODELS, archive_listing, check_model_manifest, \
-    check_sha256sums  # noqa: E402
-from mvlm_engine.parallel import ParallelVerses, retrieval_at_1  # noqa: E402
-from mvlm_engine.runtime import Runtime  # noqa: E402
+from mvlm_engine.errors import UserError  # noqa: E402
+from mvlm_engine.evaluation import evaluate  # noqa: E402
 from mvlm_engine.fileio import atomic_write_text  # noqa: E402
+from mvlm_engine.isolation import load_in_clean_interpreter  # noqa: E402
+from mvlm_engine.logs import get_logger  # noqa: E402
+from mvlm_engine.packaging import (MODEL_MANIFEST, archive_listing, check_model_manifest,  # noqa: E402
+                                   check_sha256sums)
+from mvlm_engine.parallel_verses import ParallelVerses, mean_pool, retrieval_at_1  # noqa: E402
+from mvlm_engine.runtime import Runtime  # noqa: E402
 from mvlm_engine.tokenizer import token_byte_lengths  # noqa: E402
-from mvlm_engine.trainer import evaluate  # noqa: E402
 
 PROG = "validate_models.py"
 REPO = Path(__file__).resolve().parent
@@ -55,18 +58,26 @@ PROMPTS = ["[KJV] John 3:16", "[WEB] Genesis 1:1", "[ASV] Psalms 23:1", "In the 
 GENERATE_TOKENS = 48
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models_dir", type=Path, default=REPO / "models")
-    parser.add_argument("--data_dir", type=Path, default=REPO / "mvlm_training_dataset_complete")
-    parser.add_argument("--download_dir", type=Path, default=REPO / "models_for_download")
-    parser.add_argument("--no_archives", action="store_true", help="skip the archive checks")
-    parser.add_argument("--eval_windows", type=int, default=64, help="held-out windows for loss / bits per byte")
-    parser.add_argument("--recall_verses", type=int, default=40)
-    parser.add_argument("--retrieval_pairs", type=int, default=200)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
-    return parser.parse_args(argv)
+log = get_logger("validate")
+
+
+@dataclass
+class ValidationSettings:
+    models_dir: str = setting("models", "folder of the trained models", path=True)
+    names: list[str] = setting(help="model folders to check (default: every folder of --models_dir with a "
+                                    "config.json or a model manifest)", factory=list)
+    data_dir: str = setting("mvlm_training_dataset_complete", "the corpus (held-out text, verses)", path=True)
+    download_dir: str = setting("models_for_download", "folder of the archives and SHA256SUMS", path=True)
+    no_archives: bool = setting(False, "skip the archive checks")
+    eval_windows: int = setting(64, "held-out windows for loss / bits per byte")
+    recall_verses: int = setting(40, "training verses prompted for recall")
+    retrieval_pairs: int = setting(200, "held-out parallel verse pairs for retrieval@1")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to run the models")
+    json: bool = setting(False, "print the JSON report to stdout")
+
+    def problems(self) -> list[str]:
+        return [f"--{name} must be > 0 (got {getattr(self, name)})"
+                for name in ("eval_windows", "recall_verses", "retrieval_pairs") if getattr(self, name) <= 0]
 
 
 class Report:
@@ -121,29 +132,15 @@ class LoadedModel:
                                 do_sample=sample, use_cache=use_cache, pad_token_id=self.eos, **options)
 
 
-CLEAN_LOAD = ISOLATE_FROM_REPO + r"""
-import json, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, remote = sys.argv[1], sys.argv[2] == "1"
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
-ids = tokenizer(sys.argv[3], return_tensors="pt").input_ids
-with torch.no_grad():
-    logits = model(ids).logits[0, -1]
-print(json.dumps({"ids": ids[0].tolist(), "last_logits": logits.tolist()}))
-"""
-
-
 def check_loading_alone(report: Report, folder: Path, model: LoadedModel) -> None:
-    proc = subprocess.run([sys.executable, "-c", CLEAN_LOAD, str(folder), "1" if model.remote else "0", PROMPTS[0]],
-                          cwd=folder, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        report.check("loading", False, f"{folder}: loading alone failed: {proc.stderr.strip().splitlines()[-1:]}")
+    try:
+        result = load_in_clean_interpreter(folder, PROMPTS[0], model.remote, new_tokens=1)
+    except RuntimeError as err:
+        report.check("loading", False, str(err))
         return
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     with torch.no_grad():
         ours = model.logits(torch.tensor([result["ids"]], device=model.device))[0, -1].float().cpu()
-    difference = (ours - torch.tensor(result["last_logits"])).abs().max().item()
+    difference = (ours - torch.tensor(result["logits"][-1])).abs().max().item()
     # fp32 on a GPU and on the CPU round differently; relative to the logits' scale.
     tolerance = (1e-3 if model.device.type == "cuda" else 1e-4) * max(1.0, ours.abs().max().item())
     report.check("loading", difference <= tolerance, f"{folder}: loaded alone by the HF Auto classes"
@@ -223,8 +220,6 @@ def measure_verse_recall(report: Report, model: LoadedModel, train_verses: Paral
 
 
 def measure_retrieval(report: Report, model: LoadedModel, val_verses: ParallelVerses, pairs: int) -> None:
-    from prioritary_mvlm.advanced_losses import mean_pool
-
     first, second = val_verses.sample(np.random.default_rng(0), pairs)
     score = retrieval_at_1(lambda ids, mask: mean_pool(model.hidden(ids.to(model.device)), mask.to(model.device)),
                            model.tokenizer.backend_tokenizer, first, second, 64, model.eos)
@@ -256,7 +251,7 @@ def validate_model(folder: Path, corpus, train_verses, val_verses, device, args)
     measure_verse_recall(report, model, train_verses, args.recall_verses)
     measure_retrieval(report, model, val_verses, args.retrieval_pairs)
     if model.remote:
-        write_trace(report, model, args.models_dir / f"validation_trace_{folder.name}.json")
+        write_trace(report, model, Path(args.models_dir) / f"validation_trace_{folder.name}.json")
     history = folder / "training_history.json"
     if history.is_file():
         report.metrics["history"] = json.loads(history.read_text())
@@ -357,33 +352,45 @@ def plot_outputs(histories: dict, data: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    if not args.models_dir.is_dir():
-        raise UserError(f"--models_dir {args.models_dir} does not exist; train the models first")
-    folders = [args.models_dir / n for n in PIPELINE_MODELS if (args.models_dir / n).is_dir()]
+def model_folders(models_dir: Path, names: list[str]) -> list[Path]:
+    """The folders to validate: those named, or every folder holding a model."""
+    if not models_dir.is_dir():
+        raise UserError(f"--models_dir {models_dir} does not exist; train the models first")
+    if names:
+        missing = [n for n in names if not (models_dir / n).is_dir()]
+        if missing:
+            raise UserError(f"no model folder {', '.join(missing)} in {models_dir}; train the models first")
+        return [models_dir / n for n in names]
+    folders = sorted(p for p in models_dir.iterdir()
+                     if p.is_dir() and ((p / "config.json").is_file() or (p / MODEL_MANIFEST).is_file()))
     if not folders:
-        raise UserError(f"no model folder ({', '.join(PIPELINE_MODELS)}) in {args.models_dir}; train the models first")
+        raise UserError(f"no model folder in {models_dir}; train the models first")
+    return folders
+
+
+def main(argv=None) -> int:
+    args = parse_run_config(ValidationSettings, argv, PROG, __doc__)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    models_dir = Path(args.models_dir)
+    folders = model_folders(models_dir, args.names)
     corpus = load_corpus(args.data_dir)
     train_verses, val_verses = ParallelVerses(args.data_dir, "train"), ParallelVerses(args.data_dir, "val")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     reports = []
     for folder in folders:
-        print(f"[validate] {folder}", flush=True)
+        log.info(f"{folder}")
         reports.append(validate_model(folder, corpus, train_verses, val_verses, device, args))
     if not args.no_archives:
-        reports.append(check_archives(args.download_dir, [f.name for f in folders]))
-    data = write_outputs(reports, args.models_dir, started)
+        reports.append(check_archives(Path(args.download_dir), [f.name for f in folders]))
+    data = write_outputs(reports, models_dir, started)
     if args.json:
         print(json.dumps(data, indent=1))
     failed = [(r.name, c) for r in reports for c in r.checks if not c["passed"]]
     for name, check in failed:
         print(f"{PROG}: FAILED {check['check']} ({name}): {check['detail']}", file=sys.stderr)
-    print(f"[validate] {'FAILED' if failed else 'passed'}: report in {args.models_dir / 'validation_report.md'}")
+    log.info(f"{'FAILED' if failed else 'passed'}: report in {models_dir / 'validation_report.md'}")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    with user_errors_exit(PROG):
-        sys.exit(main(sys.argv[1:]))
+    run_cli(PROG, main, sys.argv[1:])

@@ -49,9 +49,8 @@ def held_out_retrieval(model_dir: Path, data_dir: str, pairs: int, max_tokens: i
     import numpy as np
     from tokenizers import Tokenizer
 
-    from mvlm_engine.parallel import ParallelVerses, retrieval_at_1
+    from mvlm_engine.parallel_verses import ParallelVerses, mean_pool, retrieval_at_1
     from mvlm_engine.tokenizer import eos_id
-    from prioritary_mvlm.advanced_losses import mean_pool
     from simone_transformer.hf_model import load_native
 
     model = load_native(model_dir).eval()
@@ -71,8 +70,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    from prioritary_mvlm.config import preset_values
-    preset = preset_values(args.preset)
+    from prioritary_mvlm.config import PrioritaryConfig
+    preset = PrioritaryConfig.PRESETS[args.preset]
     out = Path(args.output_dir)
     rows = []
     for name, flags in variants(preset.get("memory_tokens", 8)).items():

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, 
 
 from enhanced_train import PROG, main  # noqa: E402
 
-from mvlm_engine.cli import exit_on_error  # noqa: E402
+from mvlm_engine.cli import run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    exit_on_error(PROG, main, sys.argv[1:])
+    run_cli(PROG, main, sys.argv[1:])

@@ -52,22 +52,10 @@ def make_config(args, policy_gate: bool, memory_tokens: int) -> SimOneConfig:
 
 def make_llama(simone: SimOneModel):
     """An HF Llama with the same architecture and the same weights as `simone` (governance off)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from simone_transformer.llama_export import to_llama
 
-    c = simone.config
-    config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_hidden_dim,
-        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )
-    llama = LlamaForCausalLM(config)
-    # Native names are Llama's under `model.` (see export_llama.py).
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in simone.state_dict().items()}
-    missing, unexpected = llama.load_state_dict(state, strict=False)
-    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
-    llama.tie_weights()
+    llama = to_llama(simone.config, simone.state_dict())
+    llama.config._attn_implementation = "sdpa"
     return llama
 
 

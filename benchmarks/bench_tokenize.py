@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mvlm_engine.corpus import load_corpus
-from mvlm_engine.errors import user_errors_exit
+from mvlm_engine.cli import run_cli
 from mvlm_engine.shards import build_token_shards
 from mvlm_engine.tokenizer import get_or_train_tokenizer
 
@@ -42,5 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with user_errors_exit("bench_tokenize.py"):
-        main()
+    run_cli("bench_tokenize.py", lambda argv: main(), None)

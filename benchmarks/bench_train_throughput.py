@@ -7,7 +7,7 @@
 
 Runs the trainer in a subprocess into a temporary --output_dir and reads the tokens/s and MFU
 it logged (training_history.json). The first logged window is dropped: it holds compilation
-and warm-up. MFU uses DESIGN.md's formula against 989 TFLOP/s (H100/H200 bf16); on CPU there
+and warm-up. MFU uses the formula in docs/ARCHITECTURE.md against 989 TFLOP/s (H100/H200 bf16); on CPU there
 is no reference peak, so it prints n/a. Arguments after `--` go to the trainer unchanged.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRAINERS = {"gpt2": [REPO / "mvlm_trainer.py"],
-            "simone": [REPO / "SIM-ONE Training" / "enhanced_train.py"]}
+sys.path.insert(0, str(REPO))
+from train_all_models import TRAINERS  # noqa: E402  (the pipeline's one table of trainers)
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, *map(str, TRAINERS[args.trainer]), "--preset", args.preset,
+        command = [sys.executable, str(TRAINERS[args.trainer].script), "--preset", args.preset,
                    "--data_dir", args.data_dir, "--output_dir", f"{tmp}/run", "--max_steps", str(args.max_steps),
                    "--log_interval", str(args.log_interval), "--eval_interval", str(args.max_steps),
                    "--save_interval", str(args.max_steps), "--eval_windows", "8", *extra]

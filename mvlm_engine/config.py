@@ -1,89 +1,259 @@
-"""Strict dataclass configs: unknown keys are rejected, the resolved config is saved as JSON."""
+"""Run settings: one typed dataclass field per setting (docs/ARCHITECTURE.md, "Settings").
+
+A model's run config subclasses TrainConfig and nests its model-shape dataclass under
+`model`. A preset is a named dict of overrides keyed by setting name, defined once per model
+(`PRESETS` on the run config). Command-line flags are generated from the fields (cli.py).
+
+A value is resolved in this order, later wins:
+    field default < preset < --config FILE < command-line flag
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, ClassVar, Literal
 
 from .errors import UserError
 from .fileio import atomic_write_text
 
-T = TypeVar("T")
+T = typing.TypeVar("T")
 
 
-def from_dict(cls: type[T], values: dict) -> T:
-    """Build dataclass `cls` from `values`, refusing keys it does not define."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown {cls.__name__} key(s): {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(known))})")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"bad {cls.__name__}: {err}") from None
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, path: bool = False,
+            per_invocation: bool = False):
+    """A dataclass field carrying its help text. `path`: resolved against the repository root
+    when it comes from the default, against the working directory when the user gives it.
+    `per_invocation`: an action for this run only (never saved, refused in config files)."""
+    metadata = {"help": help, "path": path, "per_invocation": per_invocation}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def save_config_json(config, path: Path) -> None:
-    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
+def override(base: type, name: str, default: Any):
+    """The field `name` of `base` with another default (a model's own value of a shared setting)."""
+    inherited = {f.name: f for f in dataclasses.fields(base)}[name]
+    return field(default=default, metadata=inherited.metadata)
 
 
-@dataclasses.dataclass
+# The CPU smoke-run training settings that every model's "tiny" preset starts from.
+CPU_SMOKE_TRAINING = {"vocab_size": 4096, "block_size": 128, "max_steps": 300, "learning_rate": 3e-3,
+                      "warmup_steps": 30, "log_interval": 10, "eval_interval": 100, "save_interval": 100,
+                      "eval_windows": 64}
+
+
+@dataclass
 class TrainConfig:
-    """Everything the shared training loop needs; model-specific fields live with each model."""
+    """Everything the shared training loop needs; each model adds its own fields in a subclass."""
 
-    data_dir: str = "mvlm_training_dataset_complete"
-    output_dir: str = "models/run"
-    cache_dir: str | None = None  # default: <data_dir>/.cache
-    vocab_size: int = 32000
-    block_size: int = 1024
-    batch_size: int = 16  # per device, per micro-step
-    gradient_accumulation_steps: int = 1
-    num_epochs: float = 3.0
-    max_steps: int = 0  # 0: derived from num_epochs
-    learning_rate: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
-    warmup_steps: int = 200
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 1337
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    compile: bool | None = None  # None: on for CUDA (TORCH_COMPILE=0/1 overrides)
-    device: str = "auto"  # auto | cpu | cuda
-    log_interval: int = 10
-    eval_interval: int = 250
-    eval_windows: int = 200  # held-out windows per evaluation (spread evenly over the split)
-    save_interval: int = 500
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    resume_from: str | None = None  # latest | best_model | PATH
-    overwrite: bool = False
+    PRESETS: ClassVar[dict[str, dict]] = {"default": {}}
+    # Fields of nested model configs that are set from other settings, never by the user.
+    DERIVED: ClassVar[tuple[str, ...]] = ()
+
+    preset: str = setting("default", "named set of overrides for model size and training defaults")
+    data_dir: str = setting("mvlm_training_dataset_complete",
+                            "corpus folder (built by mvlm_training_dataset_complete/prepare.py)", path=True)
+    output_dir: str = setting("models/run", "where the final model, logs, plots and checkpoints/ go", path=True)
+    cache_dir: str | None = setting(None, "tokenizer and token-shard cache (default: <data_dir>/.cache)", path=True)
+    vocab_size: int = setting(32000, "BPE vocabulary size")
+    block_size: int = setting(1024, "tokens per training sequence")
+    batch_size: int = setting(16, "sequences per device per micro-step")
+    gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step")
+    num_epochs: float = setting(3.0, "passes over the training split (ignored when --max_steps is set)")
+    max_steps: int = setting(0, "optimizer steps; 0 derives them from --num_epochs")
+    learning_rate: float = setting(6e-4, "peak learning rate")
+    min_lr_ratio: float = setting(0.1, "the schedule decays to learning_rate * min_lr_ratio")
+    warmup_steps: int = setting(200, "linear warmup steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices and embeddings")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "gradient-norm clip (0 = off)")
+    seed: int = setting(1337, "random seed (data order and initialisation)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU")
+    compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA; TORCH_COMPILE=0/1 overrides)")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
+    log_interval: int = setting(10, "steps between logged training records")
+    eval_interval: int = setting(250, "steps between held-out evaluations")
+    eval_windows: int = setting(200, "held-out windows per evaluation (spread evenly over the split)")
+    save_interval: int = setting(500, "steps between checkpoints")
+    keep_checkpoints: int = setting(3, "step checkpoints kept (plus best_model)")
+    max_bad_steps: int = setting(5, "consecutive non-finite steps before the run stops")
+    resume_from: str | None = setting(None, "continue a run: 'latest', 'best_model' or a checkpoint folder",
+                                      per_invocation=True)
+    overwrite: bool = setting(False, "start a fresh run in an --output_dir that already holds a run",
+                              per_invocation=True)
 
     def problems(self) -> list[str]:
-        """Every invalid value, as messages naming the flag."""
-        errors = []
-        positive = ["batch_size", "gradient_accumulation_steps", "block_size", "log_interval",
-                    "eval_interval", "save_interval", "eval_windows", "keep_checkpoints", "vocab_size"]
-        errors += [f"--{name} must be > 0 (got {getattr(self, name)})" for name in positive
-                   if getattr(self, name) <= 0]
-        if self.max_steps < 0:
-            errors.append(f"--max_steps must be >= 0 (got {self.max_steps})")
+        """Every invalid value, as messages naming the flag (types were checked on construction)."""
+        errors = [f"--{name} must be > 0 (got {getattr(self, name)})" for name in
+                  ("batch_size", "gradient_accumulation_steps", "block_size", "log_interval", "eval_interval",
+                   "save_interval", "eval_windows", "keep_checkpoints", "vocab_size", "max_bad_steps")
+                  if getattr(self, name) <= 0]
+        errors += [f"--{name} must be >= 0 (got {getattr(self, name)})" for name in
+                   ("max_steps", "warmup_steps", "weight_decay", "grad_clip") if getattr(self, name) < 0]
         if self.num_epochs <= 0 and self.max_steps == 0:
             errors.append(f"--num_epochs must be > 0 (got {self.num_epochs})")
         if not self.learning_rate > 0:
             errors.append(f"--learning_rate must be > 0 (got {self.learning_rate})")
         if not 0 <= self.min_lr_ratio <= 1:
-            errors.append(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            errors.append("warmup_steps, weight_decay and grad_clip must be >= 0")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            errors.append(f"--precision must be auto, bf16, fp16 or fp32 (got {self.precision})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            errors.append(f"--device must be auto, cpu or cuda (got {self.device})")
+            errors.append(f"--min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("beta1", "beta2")
+                   if not 0 <= getattr(self, name) < 1]
         if self.vocab_size > 1 << 32:
             errors.append("--vocab_size is too large")
         return errors
+
+
+# --------------------------------------------------------------------------- the settings tree
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One user-facing setting: its name (the flag), where it sits, its type and field."""
+
+    name: str
+    path: tuple[str, ...]  # attribute path from the run config, e.g. ("model", "d_model")
+    hint: Any
+    field: dataclasses.Field
+
+
+def leaves(cls: type) -> dict[str, Leaf]:
+    """Every setting of run-config class `cls`, nested model fields included (derived ones not)."""
+    found: dict[str, Leaf] = {}
+
+    def walk(klass, prefix):
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            path = (*prefix, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], path)
+            elif ".".join(path) not in getattr(cls, "DERIVED", ()):
+                if f.name in found:
+                    raise TypeError(f"setting name {f.name} appears twice in {cls.__name__}")
+                found[f.name] = Leaf(f.name, path, hints[f.name], f)
+
+    walk(cls, ())
+    return found
+
+
+def leaf_default(leaf: Leaf) -> Any:
+    f = leaf.field
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def union_members(hint: Any) -> tuple:
+    """(int, NoneType) for `int | None` or Optional[int]; (hint,) for anything else."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def type_problem(name: str, value: Any, hint: Any) -> str | None:
+    """None if `value` fits `hint`, else a message naming the flag (finite numbers only)."""
+    allowed = union_members(hint)
+    for kind in allowed:
+        if typing.get_origin(kind) is Literal:
+            if value in typing.get_args(kind):
+                return None
+        elif kind is type(None):
+            if value is None:
+                return None
+        elif typing.get_origin(kind) is list:
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return None
+        elif kind is bool:
+            if isinstance(value, bool):
+                return None
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return None
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return None if math.isfinite(value) else f"--{name} must be a finite number, got {value}"
+        elif isinstance(value, kind):
+            return None
+    return f"--{name} must be {describe_type(hint)}, got {value!r}"
+
+
+def describe_type(hint: Any) -> str:
+    allowed = union_members(hint)
+    names = []
+    for kind in allowed:
+        if typing.get_origin(kind) is Literal:
+            names.append("one of " + ", ".join(map(str, typing.get_args(kind))))
+        elif typing.get_origin(kind) is list:
+            names.append("a list of strings")
+        else:
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            names.append("null" if kind is type(None) else f"{article} {kind.__name__}")
+    return " or ".join(names)
+
+
+def build_config(cls: type[T], values: dict[str, Any]) -> T:
+    """A `cls` from flat setting values (name -> value); every unknown key, wrong type and
+    invalid model shape is reported at once in one UserError."""
+    known = leaves(cls)
+    unknown = sorted(set(values) - set(known))
+    errors = [f"unknown {cls.__name__} key(s): {', '.join(unknown)}"] if unknown else []
+    errors += [p for name, value in values.items() if name in known
+               if (p := type_problem(name, value, known[name].hint))]
+    if errors:
+        raise UserError("; ".join(errors))
+    tree: dict = {}
+    for name, leaf in known.items():
+        node = tree
+        for part in leaf.path[:-1]:
+            node = node.setdefault(part, {})
+        node[leaf.path[-1]] = values.get(name, leaf_default(leaf))
+    return _construct(cls, tree)
+
+
+def _construct(cls: type, tree: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _construct(hints[f.name], tree.get(f.name, {}))
+        elif f.name in tree:
+            kwargs[f.name] = tree[f.name]
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # a model config's own checks (e.g. heads vs width)
+        raise UserError(f"bad {cls.__name__}: {err}") from None
+
+
+def flatten(values: dict, cls: type) -> dict[str, Any]:
+    """Setting values from a config file, nested as saved ({"model": {...}}) or flat, as a flat
+    dict; a nested key that is no setting stays dotted ("model.x") so it is reported as unknown."""
+    by_path = {".".join(leaf.path): name for name, leaf in leaves(cls).items()}
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and any(p.startswith(key + ".") for p in by_path):
+            flat.update({by_path.get(f"{key}.{sub}", f"{key}.{sub}"): v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_dict(cfg) -> dict:
+    """The saved form of a run config: nested, without per-invocation or derived fields."""
+    values = dataclasses.asdict(cfg)
+    for leaf in [f for f in dataclasses.fields(cfg) if f.metadata.get("per_invocation")]:
+        values.pop(leaf.name)
+    for dotted in getattr(type(cfg), "DERIVED", ()):
+        *parents, name = dotted.split(".")
+        node = values
+        for part in parents:
+            node = node[part]
+        node.pop(name, None)
+    return values
+
+
+def save_config_json(cfg, path: Path) -> None:
+    values = config_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
+

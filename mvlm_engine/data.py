@@ -9,11 +9,27 @@ B see exactly what one process with batch N*B sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from .errors import UserError
+
+
+class BatchSource(Protocol):
+    """What the training loop draws micro-batches from; its position is saved in checkpoints."""
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's next micro-batch: {"input_ids", "labels", ...} tensors on the CPU."""
+
+    def micro_batches_per_epoch(self) -> int:
+        """Global micro-batches in one pass over the training split (sets the step budget)."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position, restored exactly by load_state_dict."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -94,3 +110,30 @@ def gather_windows(tokens: np.ndarray, starts: list[int], block_size: int) -> tu
     # (len(starts), block_size + 1) copied out of the memmap
     windows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
+
+
+class LMBatches:
+    """A BatchSource of language-modelling batches {"input_ids", "labels"} from a BlockSampler."""
+
+    def __init__(self, sampler: BlockSampler):
+        self.sampler = sampler
+
+    def next_batch(self) -> dict:
+        x, y = self.sampler.next_batch()
+        return {"input_ids": x, "labels": y}
+
+    def micro_batches_per_epoch(self) -> int:
+        return self.sampler.micro_batches_per_epoch()
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch to the device; on CUDA through pinned memory so the copy does not block."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return batch

@@ -9,6 +9,9 @@ import argparse
 import os
 from pathlib import Path
 
+from .fileio import atomic_write_text
+from .logs import get_logger
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = REPO_ROOT / "training.env"
 
@@ -47,9 +50,7 @@ def write_env_file(path: Path) -> None:
     text = "# Written by setup_environment.sh; the trainers apply it unless a variable is already set.\n"
     text += "".join(f"{k}={v}\n" for k, v in default_settings().items())
     if not path.is_file() or path.read_text() != text:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
 
 
 def report() -> str:
@@ -77,9 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.write:
         write_env_file(args.write)
-        print(f"[setup] environment settings in {args.write}")
+        get_logger("setup").info(f"environment settings in {args.write}")
     if args.report:
-        print("[setup] report:\n  " + report().replace("\n", "\n  "))
+        get_logger("setup").info("report:\n  " + report().replace("\n", "\n  "))
 
 
 if __name__ == "__main__":

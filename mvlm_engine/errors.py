@@ -1,25 +1,24 @@
-"""One-line errors for bad input: the CLI prints them and exits non-zero, no traceback."""
+"""The exceptions a run ends with; cli.run_cli turns each into one line and an exit status."""
 from __future__ import annotations
-
-import sys
-from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """A problem with the user's input (paths, flags, data), with the fix in the message."""
+    """A problem with the user's input (paths, flags, data), with the fix in the message. Exit 2."""
+
+
+class TrainingDiverged(Exception):
+    """The loss or the weights stayed non-finite; the message names the last good checkpoint. Exit 1."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. Carries the exit status to use (128 + signal)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def fail(errors: list[str]) -> None:
     """Raise one UserError listing every collected argument problem."""
     if errors:
         raise UserError("; ".join(errors))
-
-
-@contextmanager
-def user_errors_exit(prog: str):
-    """Turn a UserError into 'prog: error: ...' on stderr and exit status 2."""
-    try:
-        yield
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None

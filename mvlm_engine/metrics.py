@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_write_text
+from .logs import get_logger
 
-# Dense bf16 peak, the one stated reference for MFU (DESIGN.md, "Performance").
+# Dense bf16 peak, the one stated reference for MFU (docs/ARCHITECTURE.md, "Performance").
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -60,7 +61,7 @@ class TensorBoard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(log_dir=str(folder))
             except ImportError:
-                print("[train] tensorboard is not installed: scalars go to training_history.json only")
+                get_logger("train").info("tensorboard is not installed: scalars go to training_history.json only")
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         if self.writer is not None:

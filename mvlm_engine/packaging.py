@@ -15,6 +15,9 @@ import tarfile
 from pathlib import Path
 
 from .fileio import atomic_write_text, sha256_file
+from .logs import get_logger
+
+log = get_logger("package")
 
 MODEL_MANIFEST = "model_manifest.json"
 NOT_PACKAGED = {"checkpoints", "tensorboard"}
@@ -129,24 +132,32 @@ def write_download_md(folder: Path, models: dict[str, dict]) -> Path:
     return folder / "DOWNLOAD.md"
 
 
-# Model folders the pipeline produces, as named in models/ and models_for_download/.
-PIPELINE_MODELS = {
-    "mvlm_gpt2": {"description": "MVLM-GPT2: a GPT-2 trained from scratch on the Bible corpus.",
-                  "trust_remote_code": False},
-    "simone_enhanced": {"description": "Enhanced SIM-ONE: Llama-style transformer with policy gate, memory "
-                                       "tokens and trace; its modelling code ships in the folder.",
-                        "trust_remote_code": True},
-}
+def describe_model(model_dir: Path) -> dict:
+    """What DOWNLOAD.md says of a model: its description (recorded in run_summary.json at the
+    end of training) and whether transformers needs trust_remote_code (config.json has auto_map)."""
+    def read(name):
+        try:
+            return json.loads((model_dir / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+    summary, config = read("run_summary.json"), read("config.json")
+    return {"description": summary.get("description") or summary.get("model", model_dir.name),
+            "trust_remote_code": isinstance(config, dict) and "auto_map" in config}
+
+
+def finished_models(models_dir: Path) -> list[str]:
+    """Folders of `models_dir` that hold a finished model (a model manifest)."""
+    return sorted(p.name for p in models_dir.iterdir() if (p / MODEL_MANIFEST).is_file()) if models_dir.is_dir() else []
 
 
 def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = None) -> list[Path]:
     """Archive every trained model in `models_dir`, then write SHA256SUMS and DOWNLOAD.md."""
-    names = names or [n for n in PIPELINE_MODELS if (models_dir / n / MODEL_MANIFEST).is_file()]
+    names = names or finished_models(models_dir)
     archives, info = [], {}
     for name in names:
         archive = package_model(models_dir / name, download_dir / f"{name}.tar.gz")
         archives.append(archive)
-        info[name] = {**PIPELINE_MODELS.get(name, {}), "archive_bytes": archive.stat().st_size,
+        info[name] = {**describe_model(models_dir / name), "archive_bytes": archive.stat().st_size,
                       "files": [m.split("/", 1)[1] for m in archive_listing(archive)]}
     existing = [p for p in download_dir.glob("*.tar.gz") if p not in archives]
     write_sha256sums(download_dir, archives + existing)
@@ -154,23 +165,26 @@ def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = 
     return archives
 
 
-def main() -> None:
-    import argparse
+def main(argv=None) -> None:
+    """python -m mvlm_engine.packaging: archive finished models, write SHA256SUMS and DOWNLOAD.md."""
+    from .cli import OneLineParser
+    from .errors import UserError
 
-    parser = argparse.ArgumentParser(description="Archive trained models with SHA256SUMS and DOWNLOAD.md")
+    parser = OneLineParser(prog="packaging", description="Archive trained models with SHA256SUMS and DOWNLOAD.md")
     parser.add_argument("--models_dir", type=Path, default=Path("models"))
     parser.add_argument("--download_dir", type=Path, default=Path("models_for_download"))
-    parser.add_argument("--names", nargs="*", help=f"model folders (default: those of {', '.join(PIPELINE_MODELS)} "
-                                                   "that finished training)")
-    args = parser.parse_args()
+    parser.add_argument("--names", nargs="*", help="model folders (default: every folder of --models_dir that holds "
+                                                   "a finished model)")
+    args = parser.parse_args(argv)
     missing = [n for n in args.names or [] if not (args.models_dir / n / MODEL_MANIFEST).is_file()]
     if missing:
-        raise SystemExit(f"packaging: error: no finished model (with {MODEL_MANIFEST}) in "
-                         f"{', '.join(str(args.models_dir / n) for n in missing)}")
+        raise UserError(f"no finished model (with {MODEL_MANIFEST}) in "
+                        f"{', '.join(str(args.models_dir / n) for n in missing)}")
     for archive in package_all(args.models_dir, args.download_dir, args.names):
-        print(f"packaged {archive} ({archive.stat().st_size:,} bytes)")
-    print(f"wrote {args.download_dir / SUMS_NAME} and {args.download_dir / 'DOWNLOAD.md'}")
+        log.info(f"packaged {archive} ({archive.stat().st_size:,} bytes)")
+    log.info(f"wrote {args.download_dir / SUMS_NAME} and {args.download_dir / 'DOWNLOAD.md'}")
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_cli
+    run_cli("packaging", main)

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from .corpus import Corpus
+from .corpus import Corpus, load_corpus
 from .errors import UserError
 from .fileio import atomic_write_text
-from .tokenizer import eos_id, tokenizer_hash
+from .runtime import Runtime
+from .tokenizer import eos_id, get_or_train_tokenizer, token_byte_lengths, tokenizer_hash
 
 ENCODE_BATCH_DOCS = 256
 
@@ -88,3 +89,41 @@ def _tokenize_into(folder: Path, corpus: Corpus, tokenizer: Tokenizer, tok_hash:
         return
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
+
+
+@dataclass
+class TokenData:
+    """What a run trains and evaluates on: the tokenizer, its file, the shards, bytes per token."""
+
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    shards: TokenShards
+    byte_lengths: np.ndarray
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.shards.meta["tokenizer_hash"]
+
+
+def prepare_token_data(cfg, runtime: Runtime, tokenizer_factory=None) -> TokenData:
+    """Corpus -> tokenizer -> token shards, all cached. The first process of each node builds
+    (nodes may not share a filesystem); the others wait, then read the cache.
+
+    tokenizer_factory(corpus, cache_dir) -> (Tokenizer, path) replaces the plain BPE."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data_dir) / ".cache"
+    corpus = load_corpus(cfg.data_dir)
+
+    def build():
+        if tokenizer_factory is not None:
+            tokenizer, path = tokenizer_factory(corpus, cache)
+        else:
+            tokenizer, path = get_or_train_tokenizer(corpus, cfg.vocab_size, cache)
+        return tokenizer, path, build_token_shards(corpus, tokenizer, cache)
+
+    builder = runtime.local_rank == 0
+    if not builder:
+        runtime.barrier()
+    tokenizer, path, shards = build()
+    if builder:
+        runtime.barrier()
+    return TokenData(tokenizer, path, shards, token_byte_lengths(tokenizer))

@@ -41,7 +41,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def train_bpe(texts, vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 pre-tokenization) on an iterator of documents."""
+    """Train a byte-level BPE (byte-level pre-tokenization: words, numbers, punctuation) on documents."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -128,3 +128,14 @@ def hf_tokenizer(tokenizer_file: str | Path, model_max_length: int):
     return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token=EOS_TOKEN,
                                    eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=EOS_TOKEN,
                                    model_max_length=model_max_length)
+
+
+def save_hf_tokenizer(tokenizer_file: str | Path, model_max_length: int, out: Path) -> dict:
+    """Write tokenizer.json + tokenizer_config.json into a model folder; return the special ids
+    ({"bos_token_id", "eos_token_id", "pad_token_id"}) for the model's config."""
+    tokenizer = hf_tokenizer(tokenizer_file, model_max_length)
+    token_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != EOS_TOKEN:
+        raise UserError(f"{tokenizer_file} has no {EOS_TOKEN} token; retrain the tokenizer with this project")
+    tokenizer.save_pretrained(out)
+    return {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": token_id}

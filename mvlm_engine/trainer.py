@@ -1,10 +1,13 @@
-"""The one training loop of this repository, used by both trainers.
+"""The one training loop of this repository, used by every trainer (docs/ARCHITECTURE.md).
 
 A trainer hands `fit` a TrainingTask: a training module whose forward(batch) returns
-(loss, {term name: value}), a batch source with a saveable position, a way to get logits for
+(loss, {term name: value}), a BatchSource with a saveable position, a way to get logits for
 evaluation, the FLOPs per token, and a function that exports the final model. Everything
 else lives here: optimizer, schedule, precision, compile, DDP, evaluation, logging,
 checkpoints, resume, signals and non-finite-loss handling.
+
+    fit = start_or_restore, then per step: optimizer_step, log_window,
+          evaluate_and_checkpoint; then finish.
 """
 from __future__ import annotations
 
@@ -18,98 +21,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import (BEST, load_checkpoint, prune_checkpoints, recover_interrupted_swaps, resolve_resume,
                          save_checkpoint, set_aside_later_checkpoints)
-from .config import TrainConfig, save_config_json
-from .corpus import load_corpus
-from .data import BlockSampler, eval_windows, gather_windows
-from .errors import UserError
+from .config import TrainConfig, config_dict, save_config_json
+from .data import BatchSource, to_device
+from .errors import TrainingDiverged, TrainingInterrupted
+from .evaluation import evaluate
+from .fileio import atomic_write_text
+from .logs import get_logger
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
 from .packaging import MODEL_MANIFEST, write_model_manifest
 from .runtime import Runtime
 from .schedule import get_lr
-from .shards import TokenShards, build_token_shards
-from .fileio import atomic_write_text
-from .tokenizer import get_or_train_tokenizer, token_byte_lengths
+from .shards import TokenData
 
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. Carries the exit status to use."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class TokenData:
-    tokenizer: object  # tokenizers.Tokenizer
-    tokenizer_path: Path
-    shards: TokenShards
-    byte_lengths: np.ndarray
-
-    @property
-    def tokenizer_hash(self) -> str:
-        return self.shards.meta["tokenizer_hash"]
+log = get_logger("train")
 
 
 @dataclass
 class TrainingTask:
+    """What a trainer hands the loop; everything model-specific is behind these fields."""
+
     name: str
     objective: torch.nn.Module  # forward(batch: dict) -> (loss, {"loss/<term>": tensor, ...})
     logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # for evaluation
-    batches: object  # next_batch() -> dict; micro_batches_per_epoch(); state_dict(); load_state_dict()
+    batches: BatchSource
     flops_per_token: float
     export: Callable[[Path], None]  # writes the final model directory
-    config: dict = field(default_factory=dict)
-
-
-class LMBatches:
-    """Language-modelling batches {"input_ids", "labels"} from a BlockSampler."""
-
-    def __init__(self, sampler: BlockSampler):
-        self.sampler = sampler
-
-    def next_batch(self) -> dict:
-        x, y = self.sampler.next_batch()
-        return {"input_ids": x, "labels": y}
-
-    def micro_batches_per_epoch(self) -> int:
-        return self.sampler.micro_batches_per_epoch()
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-
-def prepare_token_data(cfg: TrainConfig, runtime: Runtime, tokenizer_factory=None) -> TokenData:
-    """Corpus -> tokenizer -> token shards, all cached. The first process of each node builds
-    (nodes may not share a filesystem); the others wait, then read the cache."""
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data_dir) / ".cache"
-    corpus = load_corpus(cfg.data_dir)
-
-    def build():
-        if tokenizer_factory is not None:
-            tokenizer, path = tokenizer_factory(corpus, cache)
-        else:
-            tokenizer, path = get_or_train_tokenizer(corpus, cfg.vocab_size, cache)
-        return tokenizer, path, build_token_shards(corpus, tokenizer, cache)
-
-    builder = runtime.local_rank == 0
-    if not builder:
-        runtime.barrier()
-    tokenizer, path, shards = build()
-    if builder:
-        runtime.barrier()
-    return TokenData(tokenizer, path, shards, token_byte_lengths(tokenizer))
+    config: TrainConfig  # the resolved run config, saved as train_config.json
+    description: str = ""  # one sentence for run_summary.json, DOWNLOAD.md and the model card
 
 
 def build_optimizer(module: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -127,34 +71,6 @@ def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
         return cfg.max_steps
     per_epoch = micro_batches_per_epoch // cfg.gradient_accumulation_steps
     return max(1, math.ceil(per_epoch * cfg.num_epochs))
-
-
-@torch.no_grad()
-def evaluate(module: torch.nn.Module, logits_fn, tokens: np.ndarray, block_size: int, max_windows: int,
-             batch_size: int, runtime: Runtime, byte_lengths: torch.Tensor) -> dict:
-    """Held-out loss (nats/token) and bits per byte over evenly spread windows of the split.
-
-    logits_fn(module, input_ids) -> logits. Also used by validate_models.py, so training and
-    validation measure the same way.
-    """
-    was_training = module.training
-    module.eval()
-    starts = eval_windows(tokens, block_size, max_windows, runtime.rank, runtime.world_size)
-    # nll, target tokens, target bytes
-    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
-    for i in range(0, len(starts), batch_size):
-        x, y = gather_windows(tokens, starts[i:i + batch_size], block_size)
-        x, y = x.to(runtime.device), y.to(runtime.device)
-        with runtime.autocast():
-            logits = logits_fn(module, x)
-        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        sums[1] += y.numel()
-        sums[2] += byte_lengths[y].sum()
-    if runtime.distributed:
-        dist.all_reduce(sums)
-    module.train(was_training)
-    nll, count, n_bytes = sums.tolist()
-    return {"val_loss": nll / count, "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
 
 
 class StopSignal:
@@ -182,207 +98,327 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return batch
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last training record (skipped steps add tokens only)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    steps: int = 0
+    loss: torch.Tensor | float = 0.0
+    terms: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    step: int  # the step just completed (1-based count of optimizer steps)
+    lr: float
+    loss: torch.Tensor  # mean over micro-steps, on the device
+    terms: dict
+    grad_norm: torch.Tensor
+    skipped: bool
+    stop_requested: bool
+
+
+@dataclass
+class Run:
+    """Everything one call of `fit` holds."""
+
+    cfg: TrainConfig
+    task: TrainingTask
+    runtime: Runtime
+    data: TokenData
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    total_steps: int
+    history: History
+    model: torch.nn.Module = None  # what a step calls: the objective, DDP-wrapped and compiled
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
+    board: TensorBoard | None = None
+    progress: tqdm | None = None
+    state: dict = field(default_factory=lambda: {"step": 0, "best_val_loss": float("inf"), "bad_steps": 0})
+    window: LogWindow = field(default_factory=LogWindow)
+    last_eval: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.cfg
+        return c.batch_size * c.block_size * c.gradient_accumulation_steps * self.runtime.world_size
+
+    def checkpoint_config(self) -> dict:
+        return {**config_dict(self.task.config), "tokenizer_hash": self.data.tokenizer_hash}
+
+
+# --------------------------------------------------------------------------- fit
 
 
 def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData) -> dict:
     """Train until the step budget is spent; export the model; return the run summary."""
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    objective = task.objective.to(runtime.device)
-    optimizer = build_optimizer(objective, cfg, runtime.device)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    steps = total_steps(cfg, task.batches.micro_batches_per_epoch())
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * runtime.world_size
-    val_tokens = data.shards.tokens("val")
-    byte_lengths = torch.as_tensor(data.byte_lengths, device=runtime.device)
-    state = {"step": 0, "best_val_loss": float("inf"), "bad_steps": 0}
-    checkpoint_config = {**task.config, "tokenizer_hash": data.tokenizer_hash}
-
-    history = History(out / "training_history.json", checkpoint_config)
-    if runtime.is_main:
-        recover_interrupted_swaps(ckpt_root)
-    if cfg.resume_from:
-        folder = resolve_resume(cfg.resume_from, ckpt_root)
-        saved = load_checkpoint(folder, objective, optimizer, scaler, data.tokenizer_hash)
-        task.batches.load_state_dict(saved["data"])
-        state.update({k: saved[k] for k in state})
-        history.resume(state["step"])
-        if runtime.is_main:
-            print(f"[train] resumed from {folder} at step {state['step']}")
-            for path in set_aside_later_checkpoints(ckpt_root, folder, state["step"]):
-                print(f"[train] later checkpoint {path.name} belongs to the abandoned run: moved to "
-                      f"{ckpt_root / 'abandoned'}")
-            saved_total = saved.get("schedule", {}).get("total_steps")
-            if saved_total not in (None, steps):
-                print(f"[train] WARNING: the run was planned for {saved_total} steps and now has {steps}; the "
-                      "cosine schedule is stretched from here (same --max_steps / --num_epochs / "
-                      "--gradient_accumulation_steps keep it unchanged)")
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume_from:
-            if cfg.overwrite:
-                shutil.rmtree(ckpt_root, ignore_errors=True)  # the user asked to start over
-            for marker in ("run_summary.json", MODEL_MANIFEST):  # an earlier run's "finished" markers
-                (out / marker).unlink(missing_ok=True)
-        save_config_json(task.config, out / "train_config.json")
-
-    # DDP first, then compile: the compiled graph is split at DDP's buckets so gradient
-    # all-reduce overlaps the backward pass.
-    ddp = None
-    if runtime.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    model = ddp or objective
-    if runtime.compile:
-        model = torch.compile(model)
-    board = TensorBoard(out / "tensorboard", enabled=runtime.is_main)
-    peak = peak_flops(runtime.device)
-
-    def checkpoint(name: str) -> None:
-        if runtime.is_main:
-            trainer_state = {**state, "data": task.batches.state_dict(), "tokenizer_hash": data.tokenizer_hash,
-                             "schedule": {"kind": "warmup-cosine", "warmup_steps": cfg.warmup_steps,
-                                          "total_steps": steps, "max_lr": cfg.learning_rate,
-                                          "min_lr_ratio": cfg.min_lr_ratio}}
-            save_checkpoint(ckpt_root / name, objective, optimizer, scaler, trainer_state, checkpoint_config)
-            if name != BEST:
-                prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
-        runtime.barrier()
-
-    def run_eval() -> dict:
-        result = evaluate(task.objective, task.logits, val_tokens, cfg.block_size, cfg.eval_windows,
-                          cfg.batch_size, runtime, byte_lengths)
-        record = {"step": state["step"], **result}
-        if runtime.is_main:
-            history.log("eval", record)
-            history.save()
-            board.scalars("eval", result, state["step"])
-        if result["val_loss"] < state["best_val_loss"]:
-            state["best_val_loss"] = result["val_loss"]
-            checkpoint(BEST)
-        return result
-
-    progress = tqdm(total=steps, initial=state["step"], disable=not runtime.is_main, desc=task.name,
-                    dynamic_ncols=True, mininterval=1.0)
-    last_eval = {}
-    started = time.perf_counter()
-    window_start, window_tokens = time.perf_counter(), 0
-    loss_window, terms_window, window_steps = 0.0, {}, 0
+    run = start_or_restore(cfg, task, runtime, data)
     with StopSignal() as stop:
-        while state["step"] < steps:
-            step = state["step"]
-            lr = get_lr(step, cfg.learning_rate, cfg.warmup_steps, steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=runtime.device)
-            term_sums: dict[str, torch.Tensor] = {}
-            for micro in range(cfg.gradient_accumulation_steps):
-                batch = to_device(task.batches.next_batch(), runtime.device)
-                last_micro = micro == cfg.gradient_accumulation_steps - 1
-                sync = contextlib.nullcontext() if last_micro or ddp is None else ddp.no_sync()
-                with sync:
-                    with runtime.autocast():
-                        loss, terms = model(batch)
-                    scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-                loss_sum += loss.detach().float()
-                for key, value in terms.items():
-                    term_sums[key] = term_sums.get(key, 0.0) + value.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            # One host sync per optimizer step: non-finite loss (and, without a GradScaler,
-            # non-finite gradients) and stop requests, agreed across ranks.
-            bad = ~torch.isfinite(loss_sum)
-            if not scaler.is_enabled():
-                bad = bad | ~torch.isfinite(grad_norm)
-            flags = torch.stack([bad.float(), torch.tensor(float(stop.signum > 0), device=runtime.device)])
-            if runtime.distributed:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            is_bad, stop_requested = (bool(v) for v in flags.tolist())
-            if is_bad:
-                state["bad_steps"] += 1
-                if runtime.is_main:
-                    progress.write(f"[train] step {step}: non-finite loss or gradients, step skipped "
-                                   f"({state['bad_steps']}/{cfg.max_bad_steps})")
-                if state["bad_steps"] >= cfg.max_bad_steps:
-                    raise UserError(f"the loss was not finite for {state['bad_steps']} steps in a row at step "
-                                    f"{step}; lower --learning_rate or use --precision fp32/bf16, then resume "
-                                    f"from the last checkpoint in {ckpt_root}")
-            else:
-                scaler.step(optimizer)
-                state["bad_steps"] = 0
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
-            progress.update(1)
+        while run.state["step"] < run.total_steps:
+            result = optimizer_step(run, stop)
+            log_window(run, result)
+            evaluate_and_checkpoint(run, result, stop)
+    return finish(run)
 
-            if not is_bad:
-                loss_window += loss_sum / cfg.gradient_accumulation_steps
-                for key, value in term_sums.items():
-                    terms_window[key] = terms_window.get(key, 0.0) + value / cfg.gradient_accumulation_steps
-                window_steps += 1
-            window_tokens += tokens_per_step
-            if (step % cfg.log_interval == 0 or step == steps) and window_steps:
-                values = torch.stack([loss_window, *terms_window.values()]) / window_steps
-                if runtime.distributed:
-                    dist.all_reduce(values)
-                    values /= runtime.world_size
-                values = values.tolist()
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / elapsed
-                record = {"step": step, "lr": lr, "loss": values[0], "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_per_s, "mfu": mfu(task.flops_per_token, tokens_per_s, peak,
-                                                                   runtime.world_size),
-                          **dict(zip(terms_window, values[1:]))}
-                if runtime.is_main:
-                    history.log("train", record)
-                    history.save()
-                    board.scalars("train", record, step)
-                    postfix = {"loss": f"{values[0]:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
-                    if record["mfu"] is not None:
-                        postfix["mfu"] = f"{record['mfu']:.1%}"
-                    progress.set_postfix(postfix, refresh=False)
-                window_start, window_tokens = time.perf_counter(), 0
-                loss_window, terms_window, window_steps = 0.0, {}, 0
 
-            paused = time.perf_counter()
-            if step % cfg.eval_interval == 0 or step == steps:
-                last_eval = run_eval()
-                if runtime.is_main:
-                    progress.write(f"[eval] step {step}: held-out loss {last_eval['val_loss']:.4f}, "
-                                   f"{last_eval['val_bpb']:.4f} bits/byte")
-            if step % cfg.save_interval == 0 or step == steps or stop_requested:
-                checkpoint(f"step_{step:06d}")
-            window_start += time.perf_counter() - paused  # tokens/s counts training time only
-            if stop_requested and step < steps:
-                progress.close()
-                board.close()
-                raise TrainingInterrupted(f"stopped by signal at step {step}/{steps}; checkpoint saved in "
-                                          f"{ckpt_root}; continue with --resume_from latest",
-                                          128 + (stop.signum or signal.SIGTERM))
-    progress.close()
-    if not last_eval:  # resumed at (or past) the last step, e.g. after a crash during export
-        last_eval = run_eval()
-    board.close()
-    summary = {"status": "complete", "model": task.name, "steps": steps, "tokens_per_step": tokens_per_step,
-               "tokens_seen": steps * tokens_per_step, "wall_seconds_this_process": time.perf_counter() - started,
-               "final_val_loss": last_eval.get("val_loss"), "final_val_bpb": last_eval.get("val_bpb"),
-               "best_val_loss": state["best_val_loss"], "precision": runtime.precision,
-               "compile": runtime.compile, "world_size": runtime.world_size, "device": str(runtime.device),
-               "tokenizer_hash": data.tokenizer_hash}
+def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData) -> Run:
+    """Build the optimizer and bookkeeping; resume from a checkpoint or start fresh; wrap the model."""
+    objective = task.objective.to(runtime.device)
+    run = Run(cfg, task, runtime, data, optimizer=build_optimizer(objective, cfg, runtime.device),
+              scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
+              total_steps=total_steps(cfg, task.batches.micro_batches_per_epoch()),
+              history=History(Path(cfg.output_dir) / "training_history.json", {}))
+    run.history.data["config"] = run.checkpoint_config()
     if runtime.is_main:
-        task.export(out)
+        recover_interrupted_swaps(run.ckpt_root)
+    if cfg.resume_from:
+        restore(run)
+    if runtime.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume_from:
+            clear_earlier_run(run)
+        save_config_json(task.config, run.out / "train_config.json")
+    wrap_model(run)
+    run.board = TensorBoard(run.out / "tensorboard", enabled=runtime.is_main)
+    run.progress = tqdm(total=run.total_steps, initial=run.state["step"], disable=not runtime.is_main,
+                        desc=task.name, dynamic_ncols=True, mininterval=1.0)
+    run.window = LogWindow()
+    return run
+
+
+def restore(run: Run) -> None:
+    """Load weights, optimizer, scaler, RNG and data position from --resume_from."""
+    folder = resolve_resume(run.cfg.resume_from, run.ckpt_root)
+    saved = load_checkpoint(folder, run.task.objective, run.optimizer, run.scaler, run.data.tokenizer_hash)
+    run.task.batches.load_state_dict(saved["data"])
+    run.state.update({k: saved[k] for k in run.state})
+    run.history.resume(run.state["step"])
+    if not run.runtime.is_main:
+        return
+    log.info(f"resumed from {folder} at step {run.state['step']}")
+    for path in set_aside_later_checkpoints(run.ckpt_root, folder, run.state["step"]):
+        log.info(f"later checkpoint {path.name} belongs to the abandoned run: moved to "
+                 f"{run.ckpt_root / 'abandoned'}")
+    saved_total = saved.get("schedule", {}).get("total_steps")
+    if saved_total not in (None, run.total_steps):
+        log.warning(f"WARNING: the run was planned for {saved_total} steps and now has {run.total_steps}; the "
+                    "schedule is stretched from here (same --max_steps / --num_epochs / "
+                    "--gradient_accumulation_steps keep it unchanged)")
+
+
+def clear_earlier_run(run: Run) -> None:
+    """A fresh start: drop an earlier run's "finished" markers (and its checkpoints with --overwrite)."""
+    if run.cfg.overwrite:
+        shutil.rmtree(run.ckpt_root, ignore_errors=True)  # the user asked to start over
+    for marker in ("run_summary.json", MODEL_MANIFEST):
+        (run.out / marker).unlink(missing_ok=True)
+
+
+def wrap_model(run: Run) -> None:
+    """DDP first, then compile: the compiled graph is split at DDP's buckets so gradient
+    all-reduce overlaps the backward pass."""
+    model = run.task.objective
+    if run.runtime.distributed:
+        device_ids = [run.runtime.device.index] if run.runtime.device.type == "cuda" else None
+        run.ddp = model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    run.model = torch.compile(model) if run.runtime.compile else model
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def optimizer_step(run: Run, stop: StopSignal) -> StepResult:
+    """Accumulate gradients over the micro-batches, clip, and step (or skip a non-finite step)."""
+    cfg, step = run.cfg, run.state["step"]
+    lr = get_lr(step, cfg.learning_rate, cfg.warmup_steps, run.total_steps, cfg.min_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss, terms = accumulate_gradients(run)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.task.objective.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    skipped, stop_requested = read_step_flags(run, loss, grad_norm, stop)
+    if skipped:
+        skip_step(run, step)
+    else:
+        run.scaler.step(run.optimizer)
+        run.state["bad_steps"] = 0
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state["step"] = step + 1
+    run.progress.update(1)
+    return StepResult(step + 1, lr, loss, terms, grad_norm, skipped, stop_requested)
+
+
+def accumulate_gradients(run: Run) -> tuple[torch.Tensor, dict]:
+    """Forward and backward over gradient_accumulation_steps micro-batches; mean loss and terms."""
+    accumulation = run.cfg.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=run.runtime.device)
+    term_sums: dict[str, torch.Tensor] = {}
+    for micro in range(accumulation):
+        batch = to_device(run.task.batches.next_batch(), run.runtime.device)
+        # Gradients are all-reduced on the last micro-step only.
+        last = micro == accumulation - 1
+        with contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync():
+            with run.runtime.autocast():
+                loss, terms = run.model(batch)
+            run.scaler.scale(loss / accumulation).backward()
+        loss_sum += loss.detach().float()
+        for key, value in terms.items():
+            term_sums[key] = term_sums.get(key, 0.0) + value.detach().float()
+    return loss_sum / accumulation, {k: v / accumulation for k, v in term_sums.items()}
+
+
+def read_step_flags(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopSignal) -> tuple[bool, bool]:
+    """(non-finite step, stop requested), agreed across ranks. The one host sync of a step.
+    Without a GradScaler, non-finite gradients count as a bad step too (with one, the scaler
+    skips them itself)."""
+    bad = ~torch.isfinite(loss)
+    if not run.scaler.is_enabled():
+        bad = bad | ~torch.isfinite(grad_norm)
+    flags = torch.stack([bad.float(), torch.tensor(float(stop.signum > 0), device=run.runtime.device)])
+    if run.runtime.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    is_bad, stop_requested = (bool(v) for v in flags.tolist())
+    return is_bad, stop_requested
+
+
+def skip_step(run: Run, step: int) -> None:
+    """Count a non-finite step; too many in a row end the run with the last good checkpoint named."""
+    run.state["bad_steps"] += 1
+    log.info(f"step {step}: non-finite loss or gradients, step skipped ({run.state['bad_steps']}/"
+             f"{run.cfg.max_bad_steps})")
+    if run.state["bad_steps"] >= run.cfg.max_bad_steps:
+        raise TrainingDiverged(f"the loss was not finite for {run.state['bad_steps']} steps in a row at step {step}; "
+                               f"lower --learning_rate or use --precision fp32/bf16, then resume from the last "
+                               f"checkpoint in {run.ckpt_root}")
+
+
+# --------------------------------------------------------------------------- logging, evaluation, checkpoints
+
+
+def log_window(run: Run, result: StepResult) -> None:
+    """Add the step to the window; every log_interval steps write one training record."""
+    window = run.window
+    if not result.skipped:
+        window.loss = window.loss + result.loss
+        for key, value in result.terms.items():
+            window.terms[key] = window.terms.get(key, 0.0) + value
+        window.steps += 1
+    window.tokens += run.tokens_per_step
+    if not window.steps or (result.step % run.cfg.log_interval and result.step != run.total_steps):
+        return
+    values = torch.stack([window.loss, *window.terms.values()]) / window.steps
+    if run.runtime.distributed:
+        dist.all_reduce(values)
+        values /= run.runtime.world_size
+    values = values.tolist()
+    tokens_per_s = window.tokens / (time.perf_counter() - window.started)
+    record = {"step": result.step, "lr": result.lr, "loss": values[0], "grad_norm": float(result.grad_norm),
+              "tokens_per_s": tokens_per_s, "mfu": mfu(run.task.flops_per_token, tokens_per_s,
+                                                       peak_flops(run.runtime.device), run.runtime.world_size),
+              **dict(zip(window.terms, values[1:]))}
+    if run.runtime.is_main:
+        run.history.log("train", record)
+        run.history.save()
+        run.board.scalars("train", record, result.step)
+        postfix = {"loss": f"{values[0]:.3f}", "lr": f"{result.lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if record["mfu"] is not None:
+            postfix["mfu"] = f"{record['mfu']:.1%}"
+        run.progress.set_postfix(postfix, refresh=False)
+    run.window = LogWindow()
+
+
+def evaluate_and_checkpoint(run: Run, result: StepResult, stop: StopSignal) -> None:
+    """Evaluate and save on schedule and at the end; after a signal, save and stop."""
+    paused = time.perf_counter()
+    step, last = result.step, result.step == run.total_steps
+    if step % run.cfg.eval_interval == 0 or last:
+        run.last_eval = run_eval(run)
+        log.info(f"step {step}: held-out loss {run.last_eval['val_loss']:.4f}, "
+                 f"{run.last_eval['val_bpb']:.4f} bits/byte")
+    if step % run.cfg.save_interval == 0 or last or result.stop_requested:
+        checkpoint(run, f"step_{step:06d}")
+    run.window.started += time.perf_counter() - paused  # tokens/s counts training time only
+    if result.stop_requested and not last:
+        run.progress.close()
+        run.board.close()
+        raise TrainingInterrupted(f"stopped by signal at step {step}/{run.total_steps}; checkpoint saved in "
+                                  f"{run.ckpt_root}; continue with --resume_from latest",
+                                  128 + (stop.signum or signal.SIGTERM))
+
+
+def run_eval(run: Run) -> dict:
+    """Held-out loss and bits per byte; a new best is saved as best_model."""
+    result = evaluate(run.task.objective, run.task.logits, run.data.shards.tokens("val"), run.cfg.block_size,
+                      run.cfg.eval_windows, run.cfg.batch_size, run.runtime,
+                      torch.as_tensor(run.data.byte_lengths, device=run.runtime.device))
+    if run.runtime.is_main:
+        run.history.log("eval", {"step": run.state["step"], **result})
+        run.history.save()
+        run.board.scalars("eval", result, run.state["step"])
+    if result["val_loss"] < run.state["best_val_loss"]:
+        run.state["best_val_loss"] = result["val_loss"]
+        checkpoint(run, BEST)
+    return result
+
+
+def checkpoint(run: Run, name: str) -> None:
+    """Save the full training state under checkpoints/<name> (rank 0 writes, every rank waits)."""
+    if run.runtime.is_main:
+        cfg = run.cfg
+        trainer_state = {**run.state, "data": run.task.batches.state_dict(), "tokenizer_hash": run.data.tokenizer_hash,
+                         "schedule": {"kind": "warmup-cosine", "warmup_steps": cfg.warmup_steps,
+                                      "total_steps": run.total_steps, "max_lr": cfg.learning_rate,
+                                      "min_lr_ratio": cfg.min_lr_ratio}}
+        save_checkpoint(run.ckpt_root / name, run.task.objective, run.optimizer, run.scaler, trainer_state,
+                        run.checkpoint_config())
+        if name != BEST:
+            prune_checkpoints(run.ckpt_root, cfg.keep_checkpoints)
+    run.runtime.barrier()
+
+
+# --------------------------------------------------------------------------- finish
+
+
+def finish(run: Run) -> dict:
+    """Final evaluation if none ran, then export, plot, summary and model manifest (rank 0)."""
+    run.progress.close()
+    if not run.last_eval:  # resumed at (or past) the last step, e.g. after a crash during export
+        run.last_eval = run_eval(run)
+    run.board.close()
+    summary = run_summary(run)
+    if run.runtime.is_main:
+        run.task.export(run.out)
         try:
-            plot_history(history.data, out / "loss_curve.png", task.name)
-        except Exception as err:  # a plot must never cost a finished run its summary
-            print(f"[train] WARNING: loss_curve.png not written ({err.__class__.__name__}: {err})")
-        atomic_write_text(out / "run_summary.json", json.dumps(summary, indent=1) + "\n")
-        write_model_manifest(out)  # last: validation checks every file against it
-        print(f"[train] done: held-out loss {summary['final_val_loss']:.4f}, {summary['final_val_bpb']:.4f} "
-              f"bits/byte; model in {out}")
-    runtime.barrier()
+            plot_history(run.history.data, run.out / "loss_curve.png", run.task.name)
+        except Exception as err:  # noqa: BLE001  (a plot must never cost a finished run its summary)
+            log.warning(f"WARNING: loss_curve.png not written ({err.__class__.__name__}: {err})")
+        atomic_write_text(run.out / "run_summary.json", json.dumps(summary, indent=1) + "\n")
+        write_model_manifest(run.out)  # last: validation checks every file against it
+        log.info(f"done: held-out loss {summary['final_val_loss']:.4f}, {summary['final_val_bpb']:.4f} "
+                 f"bits/byte; model in {run.out}")
+    run.runtime.barrier()
     return summary
+
+
+def run_summary(run: Run) -> dict:
+    r = run.runtime
+    return {"status": "complete", "model": run.task.name, "description": run.task.description,
+            "steps": run.total_steps,
+            "tokens_per_step": run.tokens_per_step, "tokens_seen": run.total_steps * run.tokens_per_step,
+            "wall_seconds_this_process": time.perf_counter() - run.started,
+            "final_val_loss": run.last_eval.get("val_loss"), "final_val_bpb": run.last_eval.get("val_bpb"),
+            "best_val_loss": run.state["best_val_loss"], "precision": r.precision, "compile": r.compile,
+            "world_size": r.world_size, "device": str(r.device), "tokenizer_hash": run.data.tokenizer_hash}

@@ -27,8 +27,12 @@ from importlib import import_module
 from pathlib import Path
 
 from mvlm_engine.corpus import BUILD_MARKER, MANIFEST_NAME, VERSES_NAME
-from mvlm_engine.fileio import fsync_dir, sha256_file
-from mvlm_engine.errors import UserError, fail, user_errors_exit
+from mvlm_engine.cli import OneLineParser, run_cli
+from mvlm_engine.errors import UserError, fail
+from mvlm_engine.fileio import atomic_write_text, fsync_dir, sha256_file
+from mvlm_engine.logs import get_logger
+
+log = get_logger("corpus")
 
 # Whole books held out of training in every translation: three Old Testament, two New.
 HELD_OUT_BOOKS = ("Ruth", "Ecclesiastes", "Jonah", "Philippians", "Colossians")
@@ -68,7 +72,7 @@ DEFAULT_TRANSLATIONS = tuple(code for code, (status, _) in TRANSLATIONS.items() 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent,
                         help="where the corpus is written (default: this folder)")
     parser.add_argument("--translations", default="default",
@@ -83,36 +87,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def pick_names(listed: str, known: dict[str, str], flag: str, unknown_hint: str, errors: list[str]) -> list[str]:
+    """The canonical names in a comma-separated list (matched case-insensitively against `known`,
+    lower-case name -> canonical); each unknown name, or an empty list, adds one error."""
+    picked = []
+    for name in filter(None, (n.strip() for n in listed.split(","))):
+        if name.lower() in known:
+            picked.append(known[name.lower()])
+        else:
+            errors.append(f"unknown {flag.strip('-').rstrip('s')} '{name}' ({unknown_hint})")
+    if not picked and not errors:
+        errors.append(f"{flag} is empty")
+    return picked
+
+
 def resolve_selection(args: argparse.Namespace) -> tuple[list[str], set[str] | None]:
     """Check the requested translations and books; collect every problem into one error."""
     import pythonbible
 
     errors = []
-    if args.translations == "default":
-        codes = list(DEFAULT_TRANSLATIONS)
-    elif args.translations == "all":
-        codes = list(TRANSLATIONS)
+    if args.translations in ("default", "all"):
+        codes = list(DEFAULT_TRANSLATIONS if args.translations == "default" else TRANSLATIONS)
     else:
-        by_upper = {code.upper(): code for code in TRANSLATIONS}
-        codes = []
-        for name in filter(None, (n.strip() for n in args.translations.split(","))):
-            if name.upper() in by_upper:
-                codes.append(by_upper[name.upper()])
-            else:
-                errors.append(f"unknown translation '{name}' (known: {', '.join(TRANSLATIONS)})")
-        if not codes and not errors:
-            errors.append("--translations is empty")
+        codes = pick_names(args.translations, {code.lower(): code for code in TRANSLATIONS}, "--translations",
+                           f"known: {', '.join(TRANSLATIONS)}", errors)
     books = None
     if args.books != "all":
         titles = {book.title.lower(): book.title for book in pythonbible.Book}
-        books = set()
-        for name in filter(None, (n.strip() for n in args.books.split(","))):
-            if name.lower() in titles:
-                books.add(titles[name.lower()])
-            else:
-                errors.append(f"unknown book '{name}' (use names like 'John', '1 Samuel', 'Song of Songs')")
-        if not books and not errors:
-            errors.append("--books is empty")
+        books = set(pick_names(args.books, titles, "--books",
+                               "use names like 'John', '1 Samuel', 'Song of Songs'", errors))
     if args.output_dir.exists() and not args.output_dir.is_dir():
         errors.append(f"--output_dir {args.output_dir} is a file, not a folder")
     fail(errors)
@@ -246,9 +249,7 @@ def install(stage: Path, out: Path, manifest: dict) -> None:
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(entry, target)
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_NAME)
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     marker.unlink()
     fsync_dir(out)
 
@@ -276,11 +277,10 @@ def main(argv: list[str] | None = None) -> None:
         install(stage, out, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    print(f"corpus: {len(manifest['translations'])} translations, {len(manifest['files'])} files, "
+    log.info(f"{len(manifest['translations'])} translations, {len(manifest['files'])} files, "
           f"{manifest['total_chars']:,} characters -> {out}")
-    print(f"held-out books: {', '.join(manifest['heldout_books']) or 'none (no validation split!)'}")
+    log.info(f"held-out books: {', '.join(manifest['heldout_books']) or 'none (no validation split!)'}")
 
 
 if __name__ == "__main__":
-    with user_errors_exit("prepare.py"):
-        main(sys.argv[1:])
+    run_cli("prepare.py", main, sys.argv[1:])

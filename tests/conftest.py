@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_engine.isolation import ISOLATE_FROM_REPO  # noqa: F401  (used by the tests)
-
 REPO = Path(__file__).resolve().parent.parent
 PREPARE = REPO / "mvlm_training_dataset_complete" / "prepare.py"
+GPT2_TRAINER = REPO / "mvlm_trainer.py"
+SIMONE_TRAINER = REPO / "SIM-ONE Training" / "enhanced_train.py"
+TEST_VOCAB = 1024
 # Enough for a tiny model to learn words: three full Bibles and one New Testament, five
 # books, three of them held out (Old and New Testament).
 SMALL_TRANSLATIONS = "KJV,WEB,ASV,MONT"
@@ -62,3 +63,27 @@ def assert_same_weights(path_a, path_b):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def tiny_args(trainer, data_dir, out, *extra, seed=5):
+    """Command line of a tiny CPU run of `trainer` (GPT2_TRAINER or SIMONE_TRAINER)."""
+    return [trainer, "--preset", "tiny", "--data_dir", data_dir, "--output_dir", out, "--vocab_size", TEST_VOCAB,
+            "--device", "cpu", "--seed", seed, *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_gpt2(small_corpus, tmp_path_factory) -> Path:
+    """A finished tiny MVLM-GPT2 run (150 steps), shared by every test file that reads one."""
+    out = tmp_path_factory.mktemp("gpt2") / "run"
+    run_ok(*tiny_args(GPT2_TRAINER, small_corpus, out, "--max_steps", 150, "--eval_interval", 75,
+                      "--save_interval", 75, "--log_interval", 5))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_simone(small_corpus, tmp_path_factory) -> Path:
+    """A finished tiny Enhanced SIM-ONE run with every mechanism and loss on (80 steps)."""
+    out = tmp_path_factory.mktemp("simone") / "run"
+    run_ok(*tiny_args(SIMONE_TRAINER, small_corpus, out, "--batch_size", 8, "--max_steps", 80, "--eval_interval", 40,
+                      "--save_interval", 40, "--log_interval", 5, seed=3))
+    return out

@@ -33,6 +33,7 @@ def test_manifest_sha256_and_sizes_match_files(small_corpus):
         assert len(data) == entry["bytes"]
 
 
+@pytest.mark.e2e
 def test_held_out_books_never_in_training_split(tmp_path):
     # Every translation, including the New-Testament-only and Old-Testament-only ones.
     out = tmp_path / "all"
@@ -60,6 +61,7 @@ def test_held_out_books_never_in_training_split(tmp_path):
         assert record["split"] == ("val" if record["book"] in HELD_OUT else "train")
 
 
+@pytest.mark.e2e
 def test_build_is_deterministic(small_corpus, tmp_path):
     from conftest import SMALL_TRANSLATIONS
     again = tmp_path / "again"
@@ -68,6 +70,7 @@ def test_build_is_deterministic(small_corpus, tmp_path):
     assert (again / "manifest.json").read_bytes() == (small_corpus / "manifest.json").read_bytes()
 
 
+@pytest.mark.e2e
 def test_rebuild_replaces_previous_build(tmp_path):
     assert run_script(PREPARE, "--output_dir", tmp_path, "--translations", "KJV,WEB", "--books", "Ruth").returncode == 0
     assert run_script(PREPARE, "--output_dir", tmp_path, "--translations", "ASV", "--books", "Ruth").returncode == 0
@@ -126,6 +129,7 @@ def test_interrupted_build_is_refused(small_corpus, tmp_path):
         load_corpus(corpus_dir)
 
 
+@pytest.mark.e2e
 def test_builder_bad_input_is_one_line(tmp_path):
     proc = run_script(PREPARE, "--output_dir", tmp_path / "x", "--translations", "KJV,NOPE", "--books", "Ruth")
     assert_one_line_error(proc, "unknown translation 'NOPE'")
@@ -152,6 +156,7 @@ def test_licence_table_matches_the_builder():
     assert len(prepare.DEFAULT_TRANSLATIONS) >= 20
 
 
+@pytest.mark.e2e
 def test_rebuild_from_compressed_verses_needs_no_pythonbible_and_matches(small_corpus, tmp_path):
     import lzma
     pack = tmp_path / "pack"

@@ -1,16 +1,18 @@
-"""Shared engine pieces not covered end to end: the schedule and non-finite loss handling."""
+"""Shared engine pieces not covered end to end: settings, the schedule, non-finite loss handling."""
 import json
 import math
 
 import pytest
 import torch
 
-from mvlm_engine.config import TrainConfig, from_dict
-from mvlm_engine.data import BlockSampler
-from mvlm_engine.errors import UserError
+from mvlm_engine.cli import parse_run_config
+from mvlm_engine.config import TrainConfig, build_config
+from mvlm_engine.data import BlockSampler, LMBatches
+from mvlm_engine.errors import TrainingDiverged, UserError
 from mvlm_engine.runtime import start_runtime
 from mvlm_engine.schedule import get_lr
-from mvlm_engine.trainer import LMBatches, TrainingTask, fit, prepare_token_data
+from mvlm_engine.shards import prepare_token_data
+from mvlm_engine.trainer import TrainingTask, fit
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -21,9 +23,47 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[100] == lrs[119] == pytest.approx(1e-4)
 
 
-def test_config_rejects_unknown_keys():
-    with pytest.raises(UserError, match="unknown TrainConfig key"):
-        from_dict(TrainConfig, {"batch_size": 2, "batchsize": 3})
+def test_config_rejects_unknown_keys_and_bad_types_all_at_once():
+    with pytest.raises(UserError) as err:
+        build_config(TrainConfig, {"batch_size": "16", "batchsize": 3, "learning_rate": float("nan"),
+                                   "precision": "fp8"})
+    message = str(err.value)
+    assert "unknown TrainConfig key(s): batchsize" in message
+    assert "--batch_size must be an int, got '16'" in message
+    assert "--learning_rate must be a finite number, got nan" in message
+    assert "--precision must be one of auto, bf16, fp16, fp32, got 'fp8'" in message
+
+
+def resolve_gpt2(argv):
+    import mvlm_trainer
+    return parse_run_config(mvlm_trainer.GPT2RunConfig, argv, "mvlm_trainer.py", "")
+
+
+def test_settings_resolve_default_then_preset_then_file_then_flag(tmp_path):
+    default = resolve_gpt2([])
+    assert (default.learning_rate, default.model.n_layer, default.batch_size) == (6e-4, 12, 16)
+    tiny = resolve_gpt2(["--preset", "tiny"])
+    assert (tiny.learning_rate, tiny.model.n_layer, tiny.max_steps) == (3e-3, 2, 300)
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"preset": "tiny", "learning_rate": 1e-3, "model": {"n_layer": 3}}))
+    from_file = resolve_gpt2(["--config", str(config_file)])
+    assert (from_file.learning_rate, from_file.model.n_layer, from_file.max_steps) == (1e-3, 3, 300)
+    flagged = resolve_gpt2(["--config", str(config_file), "--learning_rate", "5e-4", "--n_layer", "4"])
+    assert (flagged.learning_rate, flagged.model.n_layer, flagged.max_steps) == (5e-4, 4, 300)
+
+
+def test_bad_settings_are_collected_into_one_error(tmp_path):
+    with pytest.raises(UserError) as err:
+        resolve_gpt2(["--batch_size", "0", "--learning_rate", "inf", "--n_embd", "100", "--n_head", "3"])
+    message = str(err.value)
+    assert "--learning_rate must be a finite number" in message
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"overwrite": True}))
+    with pytest.raises(UserError, match="overwrite is an action for one run"):
+        resolve_gpt2(["--config", str(config_file)])
+    with pytest.raises(UserError) as err:
+        resolve_gpt2(["--batch_size", "0", "--n_embd", "100", "--n_head", "3"])
+    assert "--batch_size must be > 0" in str(err.value) and "must be divisible by --n_head" in str(err.value)
 
 
 class BigramObjective(torch.nn.Module):
@@ -55,7 +95,7 @@ def run(small_corpus, tmp_path, bad_calls, steps=12):
     objective = BigramObjective(data.tokenizer.get_vocab_size(), bad_calls)
     sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed)
     task = TrainingTask("bigram", objective, lambda m, x: m.logits(x), LMBatches(sampler), 1.0,
-                        export=lambda out: None, config={"model": "bigram"})
+                        export=lambda out: None, config=cfg)
     return objective, fit(cfg, task, runtime, data), json.loads((tmp_path / "out" / "training_history.json").read_text())
 
 
@@ -70,7 +110,7 @@ def test_non_finite_steps_are_skipped_and_training_goes_on(small_corpus, tmp_pat
 
 
 def test_a_loss_that_stays_non_finite_stops_the_run(small_corpus, tmp_path):
-    with pytest.raises(UserError, match="not finite for 3 steps in a row"):
+    with pytest.raises(TrainingDiverged, match="not finite for 3 steps in a row"):
         run(small_corpus, tmp_path, bad_calls=set(range(3, 100)))
 
 

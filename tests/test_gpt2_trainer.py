@@ -6,97 +6,79 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ISOLATE_FROM_REPO, REPO, assert_one_line_error, assert_same_weights, run_ok, run_script
+import conftest
+from conftest import GPT2_TRAINER, REPO, assert_one_line_error, assert_same_weights, run_script
 
-TRAINER = REPO / "mvlm_trainer.py"
-VOCAB = 1024
-
-
-def tiny_args(data_dir, out, *extra):
-    return [TRAINER, "--preset", "tiny", "--data_dir", data_dir, "--output_dir", out, "--vocab_size", VOCAB,
-            "--device", "cpu", "--seed", 5, *extra]
+pytestmark = pytest.mark.e2e
+tiny_args = partial(conftest.tiny_args, GPT2_TRAINER)
 
 
-@pytest.fixture(scope="module")
-def trained(small_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpt2") / "run"
-    run_ok(*tiny_args(small_corpus, out, "--max_steps", 150, "--eval_interval", 75, "--save_interval", 75,
-                      "--log_interval", 5))
-    return out
-
-
-def test_training_lowers_held_out_loss_far_below_uniform(trained):
-    history = json.loads((trained / "training_history.json").read_text())
-    summary = json.loads((trained / "run_summary.json").read_text())
-    vocab = json.loads((trained / "config.json").read_text())["vocab_size"]
+def test_training_lowers_held_out_loss_far_below_uniform(trained_gpt2):
+    history = json.loads((trained_gpt2 / "training_history.json").read_text())
+    summary = json.loads((trained_gpt2 / "run_summary.json").read_text())
+    vocab = json.loads((trained_gpt2 / "config.json").read_text())["vocab_size"]
     assert summary["status"] == "complete" and summary["steps"] == 150
     # Far below a uniform guess: perplexity at least e^2 (7.4x) lower.
     assert history["eval"][-1]["val_loss"] < math.log(vocab) - 2.0
     assert history["eval"][-1]["val_loss"] < history["eval"][0]["val_loss"]
     assert history["train"][-1]["loss"] < history["train"][0]["loss"] - 1.0
-    assert 0 < history["eval"][-1]["val_bpb"] < 8
-    assert all(r["tokens_per_s"] > 0 for r in history["train"])
+    # Bits per byte agrees with the loss: nats/token / ln 2 / (bytes per token), and a byte-level
+    # BPE of 1,024 tokens averages 2 to 4 bytes per token on English text.
+    last = history["eval"][-1]
+    bytes_per_token = last["val_loss"] / math.log(2) / last["val_bpb"]
+    assert 2.0 < bytes_per_token < 4.0
+    assert summary["tokens_seen"] == 150 * 16 * 128  # steps x batch x block
 
 
-def test_output_is_a_complete_save_pretrained_directory(trained):
+def test_output_is_a_complete_save_pretrained_directory(trained_gpt2):
     for name in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "training_history.json", "loss_curve.png", "train_config.json"]:
-        assert (trained / name).is_file(), name
-    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
-    assert (trained / "checkpoints" / "best_model" / "model.safetensors").is_file()
-    assert sorted(p.name for p in (trained / "checkpoints").glob("step_*")) == ["step_000075", "step_000150"]
-    train_config = json.loads((trained / "train_config.json").read_text())
+        assert (trained_gpt2 / name).is_file(), name
+    assert list((trained_gpt2 / "tensorboard").glob("events.out.tfevents.*"))
+    assert (trained_gpt2 / "checkpoints" / "best_model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (trained_gpt2 / "checkpoints").glob("step_*")) == ["step_000075", "step_000150"]
+    train_config = json.loads((trained_gpt2 / "train_config.json").read_text())
     assert train_config["max_steps"] == 150 and train_config["batch_size"] == 16
+    assert train_config["model"] == {"n_layer": 2, "n_embd": 128, "n_head": 4}
+    assert "overwrite" not in train_config and "resume_from" not in train_config
 
 
-CLEAN_LOAD = ISOLATE_FROM_REPO + r"""
-import json
-import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-ids = tokenizer("[KJV] John 3:16 For God so loved", return_tensors="pt").input_ids
-with torch.no_grad():
-    logits = model(ids).logits
-np.save(sys.argv[2], logits.numpy())
-greedy = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-print(json.dumps({"ids": ids[0].tolist(), "text": tokenizer.decode(greedy[0][ids.shape[1]:])}))
-"""
+def test_its_own_train_config_reproduces_the_resolved_settings(trained_gpt2, tmp_path):
+    proc = run_script(GPT2_TRAINER, "--config", trained_gpt2 / "train_config.json", "--print_config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads((trained_gpt2 / "train_config.json").read_text())
 
 
-def test_hf_auto_classes_load_it_alone_with_the_trainers_logits(trained, tmp_path):
-    logits_file = tmp_path / "logits.npy"
-    proc = subprocess.run([sys.executable, "-c", CLEAN_LOAD, str(trained), str(logits_file)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_hf_auto_classes_load_it_alone_with_the_trainers_logits(trained_gpt2):
+    from mvlm_engine.isolation import load_in_clean_interpreter
+    result = load_in_clean_interpreter(trained_gpt2, "[KJV] John 3:16 For God so loved", new_tokens=30)
 
     # The trainer's own model, rebuilt from its final checkpoint with the trainer's code.
     sys.path.insert(0, str(REPO))
     import mvlm_trainer
-    config = json.loads((trained / "train_config.json").read_text())
-    model = mvlm_trainer.build_model(mvlm_trainer.PRESETS["tiny"], json.loads(
-        (trained / "config.json").read_text())["vocab_size"], config["block_size"], 0)
+    config = json.loads((trained_gpt2 / "train_config.json").read_text())
+    shape = mvlm_trainer.GPT2Shape(**config["model"])
+    model = mvlm_trainer.build_model(shape, json.loads((trained_gpt2 / "config.json").read_text())["vocab_size"],
+                                     config["block_size"], 0)
     objective = mvlm_trainer.CausalLMObjective(model)
-    objective.load_state_dict(load_file(trained / "checkpoints" / "step_000150" / "model.safetensors"), strict=False)
+    objective.load_state_dict(load_file(trained_gpt2 / "checkpoints" / "step_000150" / "model.safetensors"), strict=False)
     model.tie_weights()
     with torch.no_grad():
-        ours = objective.eval().logits(torch.tensor([result["ids"]])).numpy()
-    np.testing.assert_allclose(np.load(logits_file), ours, rtol=0, atol=1e-5)
+        ours = objective.eval().logits(torch.tensor([result["ids"]])).numpy()[0]
+    np.testing.assert_allclose(np.array(result["logits"]), ours, rtol=0, atol=1e-5)
 
     # Readable words: most generated words occur in the training text.
     generated = [w.strip(".,;:?!'\"()[]") for w in result["text"].split()]
     generated = [w for w in generated if w.isalpha()]
     assert len(generated) >= 5, result["text"]
-    vocabulary = known_words(trained)
+    vocabulary = known_words(trained_gpt2)
     assert sum(w in vocabulary for w in generated) / len(generated) >= 0.8, result["text"]
 
 
@@ -156,7 +138,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_co
     np.testing.assert_allclose(two["eval"][-1]["val_loss"], one["eval"][-1]["val_loss"], rtol=1e-4)
 
 
-def test_bad_input_is_one_line_and_overwrites_nothing(small_corpus, trained, tmp_path):
+def test_bad_input_is_one_line_and_overwrites_nothing(small_corpus, trained_gpt2, tmp_path):
     assert_one_line_error(run_script(*tiny_args(tmp_path / "missing", tmp_path / "o")), "does not exist")
     a_file = tmp_path / "file"
     a_file.write_text("keep me")
@@ -168,15 +150,15 @@ def test_bad_input_is_one_line_and_overwrites_nothing(small_corpus, trained, tmp
                           "--batch_size must be > 0")
     assert not (tmp_path / "o").exists()
     # An earlier run is never silently overwritten.
-    before = (trained / "model.safetensors").read_bytes()
-    assert_one_line_error(run_script(*tiny_args(small_corpus, trained)), "already holds checkpoints")
-    assert (trained / "model.safetensors").read_bytes() == before
+    before = (trained_gpt2 / "model.safetensors").read_bytes()
+    assert_one_line_error(run_script(*tiny_args(small_corpus, trained_gpt2)), "already holds checkpoints")
+    assert (trained_gpt2 / "model.safetensors").read_bytes() == before
 
 
-def test_truncated_checkpoint_is_a_one_line_error(small_corpus, trained, tmp_path):
+def test_truncated_checkpoint_is_a_one_line_error(small_corpus, trained_gpt2, tmp_path):
     import shutil
     out = tmp_path / "copy"
-    shutil.copytree(trained, out)
+    shutil.copytree(trained_gpt2, out)
     weights = out / "checkpoints" / "step_000150" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     before = (out / "model.safetensors").read_bytes()

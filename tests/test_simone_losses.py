@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 
-from prioritary_mvlm.advanced_losses import (CompositeObjective, alignment_loss, combine_losses, mean_pool,
-                                             multi_token_loss, next_token_loss, z_loss)
-from simone_transformer import preset_config, SimOneModel
+from mvlm_engine.parallel_verses import mean_pool
+from prioritary_mvlm.advanced_losses import (CompositeObjective, alignment_loss, combine_losses, multi_token_loss,
+                                             next_token_loss, z_loss)
+from prioritary_mvlm.config import simone_preset
+from simone_transformer import SimOneModel
 
 
 def test_next_token_loss_known_value():
@@ -62,7 +64,7 @@ def test_combine_static_and_adaptive():
 
 def tiny_objective(**weights):
     torch.manual_seed(0)
-    model = SimOneModel(preset_config("tiny", vocab_size=64, max_seq_len=32, memory_tokens=2))
+    model = SimOneModel(simone_preset("tiny", vocab_size=64, max_seq_len=32, memory_tokens=2))
     full = {"coherence": 0.1, "alignment": 0.1, "stability": 1e-4, **weights}
     return CompositeObjective(model, full, adaptive=True, temperature=0.1)
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mvlm_engine.parallel_verses import mean_pool
+
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits (B, T, V) at position t score targets[:, t], the token after t."""
@@ -31,12 +33,6 @@ def multi_token_loss(logits_ahead: torch.Tensor, targets: torch.Tensor) -> torch
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Mean squared log-partition: keeps logits from drifting to large magnitudes."""
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """hidden (B, T, D), mask (B, T) of 0/1 -> (B, D) average over the unmasked positions."""
-    mask = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def alignment_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""PrioritaryConfig: every model, governance, loss and training field of a SIM-ONE run.
+"""PrioritaryConfig: every setting of an Enhanced SIM-ONE run, in one strict dataclass.
 
-It extends the shared engine's TrainConfig (so the engine trains with it directly), rejects
-unknown keys, and is saved as JSON beside every output. Its defaults are the small preset on
-one GPU with the seed's flags (batch 12 x 4 accumulation, 32K vocabulary, 3 epochs).
+It extends the shared engine's TrainConfig (so the engine trains with it directly) with the
+model (a SimOneConfig under `model`: shape and governance switches), the composite loss and
+the tokenizer's quality seeds. Defaults are the seed's: the small preset on one GPU, batch
+12 x 4 accumulation, 32K vocabulary, 3 epochs. Saved as train_config.json beside every run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
-from mvlm_engine.config import TrainConfig
-from simone_transformer import SimOneConfig, preset_config
+from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting
+from simone_transformer import SimOneConfig
 
 # Frequent names and terms that must stay single tokens (checked by a test).
 DEFAULT_QUALITY_SEEDS = (
@@ -22,82 +24,63 @@ LOSS_WEIGHTS = ("coherence_weight", "alignment_weight", "z_loss_weight")
 
 @dataclass
 class PrioritaryConfig(TrainConfig):
-    """Model + governance + losses + training, in one strict dataclass."""
+    """Model + governance + losses + training of a SIM-ONE run."""
 
-    # Training (the seed's defaults; paths are relative to "SIM-ONE Training/" in the CLIs).
-    data_dir: str = "../mvlm_training_dataset_complete"
-    output_dir: str = "../models/simone_enhanced"
-    vocab_size: int = 32000
-    batch_size: int = 12
-    gradient_accumulation_steps: int = 4
-    block_size: int = 1024
-    learning_rate: float = 6e-4
-    # Model (the small preset: GPT-2 small's ~85M non-embedding parameters).
-    preset: str = "small"
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: int | None = None
-    ffn_hidden_dim: int | None = 2048
-    rope_theta: float = 10000.0
-    attention_backend: str = "sdpa"
-    # Governance mechanisms.
-    policy_gate: bool = True
-    memory_tokens: int = 8  # 0 = off
+    PRESETS = {
+        # CPU smoke runs: ~0.8M non-embedding parameters, a training step well under a second.
+        "tiny": {**CPU_SMOKE_TRAINING, "batch_size": 16, "gradient_accumulation_steps": 1, "d_model": 128,
+                 "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden_dim": 384, "memory_tokens": 4,
+                 "alignment_pairs": 8, "alignment_max_tokens": 48},
+        # GPT-2 small scale: ~85M non-embedding parameters (the SimOneConfig defaults).
+        "small": {},
+        # ~304M non-embedding parameters.
+        "medium": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "ffn_hidden_dim": 2752, "learning_rate": 3e-4,
+                   "warmup_steps": 300},
+    }
+    # The model's vocabulary comes from the trained tokenizer, its context from --block_size.
+    DERIVED = ("model.vocab_size", "model.max_seq_len")
+
+    preset: str = override(TrainConfig, "preset", "small")
+    output_dir: str = override(TrainConfig, "output_dir", "models/simone_enhanced")
+    batch_size: int = override(TrainConfig, "batch_size", 12)
+    gradient_accumulation_steps: int = override(TrainConfig, "gradient_accumulation_steps", 4)
+    model: SimOneConfig = setting(factory=SimOneConfig)
     # Composite loss: accuracy (next-token CE) always has weight 1; 0 switches a term off.
-    coherence_weight: float = 0.1  # multi-token prediction of token t+2
-    alignment_weight: float = 0.1  # InfoNCE between parallel verses
-    z_loss_weight: float = 1e-4  # stability
-    adaptive_weights: bool = False  # uncertainty weighting (Kendall et al. 2018) instead of static
-    alignment_pairs: int = 16  # parallel verse pairs per micro-step
-    alignment_max_tokens: int = 64  # verse length cap (tokens), fixed so shapes stay static
-    alignment_temperature: float = 0.1
-    quality_seeds: list[str] = field(default_factory=lambda: list(DEFAULT_QUALITY_SEEDS))
+    coherence_weight: float = setting(0.1, "weight of the multi-token (t+2) prediction loss (0 = off)")
+    alignment_weight: float = setting(0.1, "weight of the parallel-verse InfoNCE loss (0 = off)")
+    z_loss_weight: float = setting(1e-4, "weight of the z-loss on the logits (0 = off)")
+    adaptive_weights: bool = setting(False, "learn the loss weights by uncertainty weighting (Kendall et al. 2018)")
+    alignment_pairs: int = setting(16, "parallel verse pairs per micro-step")
+    alignment_max_tokens: int = setting(64, "verse length cap in tokens (fixed, so shapes stay static)")
+    alignment_temperature: float = setting(0.1, "InfoNCE temperature")
+    quality_seeds: list[str] = setting(help="words the tokenizer must keep as single tokens",
+                                       factory=lambda: list(DEFAULT_QUALITY_SEEDS))
 
     def model_config(self, vocab_size: int | None = None) -> SimOneConfig:
-        """The SimOneConfig for this run (max_seq_len = block_size)."""
-        return SimOneConfig(
-            vocab_size=vocab_size or self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-            n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, ffn_hidden_dim=self.ffn_hidden_dim,
-            max_seq_len=max(self.block_size, self.alignment_max_tokens), rope_theta=self.rope_theta,
-            policy_gate=self.policy_gate, memory_tokens=self.memory_tokens,
-            attention_backend=self.attention_backend)
+        """The SimOneConfig for this run: the tokenizer's vocabulary, context = block_size
+        (or the alignment verse length, if longer)."""
+        return dataclasses.replace(self.model, vocab_size=vocab_size or self.vocab_size,
+                                   max_seq_len=max(self.block_size, self.alignment_max_tokens))
 
     def problems(self) -> list[str]:
         errors = super().problems()
-        for name in LOSS_WEIGHTS:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                errors.append(f"--{name} must be >= 0 (0 switches the term off), got {value}")
+        errors += [f"--{name} must be >= 0 (0 switches the term off), got {getattr(self, name)}"
+                   for name in LOSS_WEIGHTS if getattr(self, name) < 0]
         if self.alignment_weight > 0 and self.alignment_pairs < 2:
-            errors.append(f"alignment_pairs must be >= 2 for the contrastive loss, got {self.alignment_pairs}")
+            errors.append(f"--alignment_pairs must be >= 2 for the contrastive loss, got {self.alignment_pairs}")
         if self.alignment_max_tokens < 2:
-            errors.append(f"alignment_max_tokens must be >= 2, got {self.alignment_max_tokens}")
+            errors.append(f"--alignment_max_tokens must be >= 2, got {self.alignment_max_tokens}")
         if not self.alignment_temperature > 0:
-            errors.append(f"alignment_temperature must be > 0, got {self.alignment_temperature}")
-        if self.memory_tokens < 0:
-            errors.append(f"--memory_tokens must be >= 0 (0 = off), got {self.memory_tokens}")
-        else:
-            try:
-                self.model_config()
-            except ValueError as err:
-                errors.append(str(err))
+            errors.append(f"--alignment_temperature must be > 0, got {self.alignment_temperature}")
+        bad = [seed for seed in self.quality_seeds if not seed or seed != seed.strip() or " " in seed]
+        if bad:
+            errors.append(f"--quality_seeds must be single words without spaces: {bad}")
         return errors
 
 
-MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim")
-# Training defaults that suit each model size; the shape itself comes from simone_transformer.
-TRAINING_PRESETS = {
-    "tiny": {"vocab_size": 4096, "block_size": 128, "batch_size": 16, "gradient_accumulation_steps": 1,
-             "max_steps": 300, "learning_rate": 3e-3, "warmup_steps": 30, "log_interval": 10,
-             "eval_interval": 100, "save_interval": 100, "eval_windows": 64, "memory_tokens": 4,
-             "alignment_pairs": 8, "alignment_max_tokens": 48},
-    "small": {},
-    "medium": {"learning_rate": 3e-4, "warmup_steps": 300},
-}
+def simone_preset(name: str, vocab_size: int = 32000, **overrides) -> SimOneConfig:
+    """The SimOneConfig of a preset (for tests and benchmarks that build a model directly)."""
+    from mvlm_engine.cli import resolve_settings
 
-
-def preset_values(name: str) -> dict:
-    """Model shape (from simone_transformer's presets) plus the preset's training defaults."""
-    shape = preset_config(name)
-    return {**{k: getattr(shape, k) for k in MODEL_FIELDS}, **TRAINING_PRESETS[name], "preset": name}
+    cfg = resolve_settings(PrioritaryConfig, {"preset": name}, {})
+    return dataclasses.replace(cfg.model_config(vocab_size), **overrides)

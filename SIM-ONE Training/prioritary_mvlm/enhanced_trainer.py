@@ -7,22 +7,29 @@ are the H100/H200 settings: bf16 autocast, torch.compile and fused AdamW.
 """
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from mvlm_engine.data import BlockSampler
-from mvlm_engine.parallel import ParallelVerses, encode_padded
+from mvlm_engine.data import BlockSampler, LMBatches
+from mvlm_engine.logs import get_logger
+from mvlm_engine.metrics import transformer_flops_per_token
+from mvlm_engine.parallel_verses import ParallelVerses, encode_padded
 from mvlm_engine.runtime import Runtime, sdpa_backend_name
-from mvlm_engine.tokenizer import eos_id
-from mvlm_engine.trainer import LMBatches, TrainingTask, fit, prepare_token_data
+from mvlm_engine.shards import prepare_token_data
+from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer
+from mvlm_engine.trainer import TrainingTask, fit
 from simone_transformer import SimOneModel
 from simone_transformer.hf_model import save_pretrained_dir
 
 from .advanced_losses import CompositeObjective
 from .advanced_tokenizer import build_simone_tokenizer
 from .config import PrioritaryConfig
+
+log = get_logger("train")
+DESCRIPTION = ("Enhanced SIM-ONE: a Llama-style transformer with policy gate, memory tokens and trace, trained "
+               "from scratch on the public-domain Bible corpus; its modelling code ships in the folder.")
 
 
 class PairedBatches:
@@ -83,20 +90,26 @@ class EnhancedPrioritaryTrainer:
         sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                                runtime.rank, runtime.world_size)
         batches = PairedBatches(LMBatches(sampler), verses, data.tokenizer, cfg, runtime.rank)
+        mc = model.config
         if runtime.is_main:
-            mc = model.config
-            print(f"[train] {self.name} preset {cfg.preset}: {model.count_parameters(False) / 1e6:.2f}M parameters "
-                  f"({model.count_parameters(True) / 1e6:.2f}M non-embedding), vocab {mc.vocab_size}, policy gate "
-                  f"{mc.policy_gate}, memory tokens {mc.memory_tokens}, loss weights {objective.weights}, adaptive "
-                  f"{cfg.adaptive_weights}; {runtime.world_size} x {runtime.device}, {runtime.precision}, compile "
-                  f"{runtime.compile}, SDPA backend {sdpa_backend_name(runtime, mc.n_heads, mc.head_dim)}")
+            log.info(f"{self.name} preset {cfg.preset}: {model.count_parameters(False) / 1e6:.2f}M parameters "
+                     f"({model.count_parameters(True) / 1e6:.2f}M non-embedding), vocab {mc.vocab_size}, policy gate "
+                     f"{mc.policy_gate}, memory tokens {mc.memory_tokens}, loss weights {objective.weights}, adaptive "
+                     f"{cfg.adaptive_weights}; {runtime.world_size} x {runtime.device}, {runtime.precision}, compile "
+                     f"{runtime.compile}, SDPA backend {sdpa_backend_name(runtime, mc.n_heads, mc.head_dim)}")
+        flops = transformer_flops_per_token(model.count_parameters(True), mc.n_layers, mc.d_model, cfg.block_size)
         task = TrainingTask(name=self.name, objective=objective, logits=lambda module, x: module.logits(x),
-                            batches=batches, flops_per_token=model.flops_per_token(cfg.block_size),
-                            export=lambda out: save_pretrained_dir(model, out, data.tokenizer_path),
-                            config=dataclasses.asdict(cfg))
+                            batches=batches, flops_per_token=flops, config=cfg, description=DESCRIPTION,
+                            export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out))
         return task, data
 
     def train(self) -> dict:
         """Run the whole training; returns the engine's run summary."""
         task, data = self.build_task()
         return fit(self.cfg, task, self.runtime, data)
+
+
+def export(model: SimOneModel, tokenizer_path: Path, block_size: int, out: Path) -> None:
+    """The trust_remote_code directory: tokenizer files, then weights, config and modelling code."""
+    special_ids = save_hf_tokenizer(tokenizer_path, block_size, out)
+    save_pretrained_dir(model, out, special_ids)

@@ -8,7 +8,6 @@ from .enhanced_model import (
     SimOneConfig,
     SimOneModel,
     SimOneOutput,
-    preset_config,
     sample_next_token,
     trace_to_jsonable,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "SimOneConfig",
     "SimOneModel",
     "SimOneOutput",
-    "preset_config",
     "resolve_attention_backend",
     "sample_next_token",
     "trace_to_jsonable",

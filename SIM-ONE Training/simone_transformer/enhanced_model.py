@@ -111,23 +111,6 @@ def _check_type(name: str, value, hint) -> None:
         raise ValueError(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
 
 
-_PRESETS = {
-    # CPU smoke runs: ~0.7M non-embedding parameters, a training step takes well under a second.
-    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_dim=384, max_seq_len=256),
-    # GPT-2 small scale: ~85M non-embedding parameters (GPT-2 small: ~85M).
-    "small": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_hidden_dim=2048, max_seq_len=1024),
-    # ~304M non-embedding parameters.
-    "medium": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden_dim=2752, max_seq_len=1024),
-}
-
-
-def preset_config(name: str, vocab_size: int = 32000, **overrides) -> SimOneConfig:
-    """A named architecture ("tiny", "small", "medium"); `overrides` replace any field."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
-    return SimOneConfig.from_dict({**_PRESETS[name], "vocab_size": vocab_size, **overrides})
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -225,11 +208,6 @@ class SimOneModel(nn.Module):
             if self.memory_embeddings is not None:
                 total -= self.memory_embeddings.numel()
         return total
-
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token, DESIGN.md's MFU formula: 6 N + 12 L d T."""
-        c = self.config
-        return 6 * self.count_parameters(non_embedding=True) + 12 * c.n_layers * c.d_model * seq_len
 
     # ------------------------------------------------------------------ forward
 

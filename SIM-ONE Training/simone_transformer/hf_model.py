@@ -1,8 +1,8 @@
 """Hugging Face packaging for SIM-ONE: config class, causal-LM wrapper, save and load.
 
 A directory written by `save_pretrained_dir` holds config.json (with `auto_map`),
-model.safetensors, generation_config.json, optionally tokenizer.json +
-tokenizer_config.json, and copies of the four modelling files, so that
+model.safetensors, generation_config.json and copies of the four modelling files (the
+trainer adds tokenizer.json + tokenizer_config.json), so that
 
     AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
 
@@ -30,7 +30,6 @@ from .enhanced_model import SimOneConfig, SimOneModel
 
 WEIGHTS_NAME = "model.safetensors"
 CODE_FILES = ("hf_model.py", "enhanced_model.py", "rope_attention.py", "modern_layers.py")
-SPECIAL_TOKEN = "<|endoftext|>"  # bos, eos and pad of the project's BPE
 
 
 class SimOneHFConfig(PreTrainedConfig):
@@ -161,23 +160,19 @@ def _reject_padding(attention_mask) -> None:
 def save_pretrained_dir(
     model: SimOneModel,
     out_dir: str | Path,
-    tokenizer_file: str | Path | None = None,
+    special_ids: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `model` as a transformers directory loadable with trust_remote_code.
 
-    Files: config.json (auto_map for AutoConfig and AutoModelForCausalLM),
-    model.safetensors (in `dtype`, default the model's own), the modelling code,
-    generation_config.json, and, given a `tokenizers` JSON file, tokenizer.json and
-    tokenizer_config.json (a PreTrainedTokenizerFast with bos/eos/pad = <|endoftext|>).
-    Returns the directory.
+    Files: config.json (auto_map for AutoConfig and AutoModelForCausalLM, plus the
+    bos/eos/pad ids in `special_ids`), model.safetensors (in `dtype`, default the model's
+    own), the modelling code and generation_config.json. The tokenizer files are the
+    trainer's to write. Returns the directory.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    special_ids = {}
-    if tokenizer_file is not None:
-        special_ids = _save_tokenizer(Path(tokenizer_file), out_dir, model.config.vocab_size)
-
+    special_ids = special_ids or {}
     weights = {
         f"model.{name}": (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
         for name, t in model.state_dict().items()
@@ -201,23 +196,6 @@ def save_pretrained_dir(
     for name in CODE_FILES:
         shutil.copyfile(package / name, out_dir / name)
     return out_dir
-
-
-def _save_tokenizer(tokenizer_file: Path, out_dir: Path, vocab_size: int) -> dict:
-    from transformers import PreTrainedTokenizerFast
-
-    if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {tokenizer_file}")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file), bos_token=SPECIAL_TOKEN, eos_token=SPECIAL_TOKEN, pad_token=SPECIAL_TOKEN
-    )
-    token_id = tok.convert_tokens_to_ids(SPECIAL_TOKEN)
-    if token_id is None or token_id == tok.unk_token_id or tok.convert_ids_to_tokens(token_id) != SPECIAL_TOKEN:
-        raise ValueError(f"{tokenizer_file} has no {SPECIAL_TOKEN} token; train the tokenizer with it")
-    if len(tok) > vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab_size}")
-    tok.save_pretrained(out_dir)
-    return {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": token_id}
 
 
 def load_config(model_dir: str | Path) -> SimOneConfig:

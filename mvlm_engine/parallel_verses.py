@@ -1,7 +1,8 @@
-"""Parallel verses: the same verse in two translations, from verses.jsonl.
+"""Parallel verses: the same verse in two translations, from verses.jsonl, and what is done
+with them: padded encoding, mean pooling of hidden states, and retrieval@1.
 
-Used for SIM-ONE's content-alignment loss (training split) and for the parallel-verse
-retrieval@1 metric of both models (held-out split).
+Used by a content-alignment training loss (training split) and by the parallel-verse
+retrieval@1 metric of validation (held-out split).
 """
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ def encode_padded(tokenizer, texts: list[str], max_tokens: int, pad_id: int) -> 
         ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         mask[row, :len(tokens)] = 1
     return ids, mask
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, D), mask (B, T) of 0/1 -> (B, D) average over the unmasked positions."""
+    mask = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 @torch.no_grad()

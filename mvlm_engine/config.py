@@ -66,8 +66,16 @@ class TrainConfig:
     gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step")
     num_epochs: float = setting(3.0, "passes over the training split (ignored when --max_steps is set)")
     max_steps: int = setting(0, "optimizer steps; 0 derives them from --num_epochs")
-    learning_rate: float = setting(6e-4, "peak learning rate")
-    min_lr_ratio: float = setting(0.1, "the schedule decays to learning_rate * min_lr_ratio")
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw", "adamw: AdamW everywhere; muon: torch.optim.Muon on hidden matrices, AdamW on the rest")
+    learning_rate: float = setting(6e-4, "peak AdamW learning rate (with --optimizer muon: embeddings, head, gains)")
+    muon_lr: float = setting(0.02, "peak Muon learning rate (--optimizer muon)")
+    muon_momentum: float = setting(0.95, "Muon momentum (Nesterov)")
+    muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay")
+    schedule: Literal["cosine", "wsd"] = setting(
+        "cosine", "after warmup: cosine decay, or wsd (warmup-stable-decay: flat, then a linear decay)")
+    decay_fraction: float = setting(0.2, "wsd: the share of the steps spent decaying at the end")
+    min_lr_ratio: float = setting(0.1, "the schedule decays to peak * min_lr_ratio")
     warmup_steps: int = setting(200, "linear warmup steps")
     weight_decay: float = setting(0.1, "AdamW weight decay on matrices and embeddings")
     beta1: float = setting(0.9, "AdamW beta1")
@@ -99,8 +107,14 @@ class TrainConfig:
                    ("max_steps", "warmup_steps", "weight_decay", "grad_clip") if getattr(self, name) < 0]
         if self.num_epochs <= 0 and self.max_steps == 0:
             errors.append(f"--num_epochs must be > 0 (got {self.num_epochs})")
-        if not self.learning_rate > 0:
-            errors.append(f"--learning_rate must be > 0 (got {self.learning_rate})")
+        errors += [f"--{name} must be > 0 (got {getattr(self, name)})" for name in ("learning_rate", "muon_lr")
+                   if not getattr(self, name) > 0]
+        errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("muon_momentum",)
+                   if not 0 <= getattr(self, name) < 1]
+        if self.muon_weight_decay < 0:
+            errors.append(f"--muon_weight_decay must be >= 0 (got {self.muon_weight_decay})")
+        if not 0 < self.decay_fraction <= 1:
+            errors.append(f"--decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if not 0 <= self.min_lr_ratio <= 1:
             errors.append(f"--min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("beta1", "beta2")

@@ -17,9 +17,8 @@ export both and check that llama.cpp reproduces transformers: the same 20 greedy
 same held-out perplexity within 0.1%, and the same token ids for awkward text. Without
 llama_cpp they are skipped.
 """
+import importlib.util
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -87,7 +86,25 @@ def simone_dir(tokenizer_file, tmp_path_factory):
 
 
 def export(model_dir, output, *extra):
+    """The command line, as a user runs it (for exit status and stderr)."""
     return run_script(EXPORT, "--model_dir", model_dir, "--output", output, *extra)
+
+
+def load_exporter():
+    spec = importlib.util.spec_from_file_location("export_gguf", EXPORT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["export_gguf"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+exporter = load_exporter()
+
+
+def export_ok(model_dir, output, dtype="f32"):
+    """In-process export (no interpreter start-up per test); raises on any problem."""
+    exporter.export(model_dir, output, dtype)
+    return output
 
 
 def read_gguf(path):
@@ -106,7 +123,8 @@ def field(reader, key):
 def test_gpt2_folder_reads_back_as_gpt2_with_transposed_conv1d(gpt2_dir, tmp_path):
     from safetensors.numpy import load_file
     out = tmp_path / "gpt2.gguf"
-    run_ok(EXPORT, "--model_dir", gpt2_dir, "--output", out)
+    proc = run_ok(EXPORT, "--model_dir", gpt2_dir, "--output", out)  # the command line, once
+    assert f"wrote {out} (gpt2, f32, 28 tensors" in proc.stdout
     reader, tensors = read_gguf(out)
     config = json.loads((gpt2_dir / "config.json").read_text())
     assert field(reader, "general.architecture") == "gpt2"
@@ -129,7 +147,7 @@ def test_gpt2_folder_reads_back_as_gpt2_with_transposed_conv1d(gpt2_dir, tmp_pat
 def test_tokenizer_keys_match_the_hf_tokenizer(gpt2_dir, tmp_path):
     from transformers import AutoTokenizer
     out = tmp_path / "gpt2.gguf"
-    run_ok(EXPORT, "--model_dir", gpt2_dir, "--output", out)
+    export_ok(gpt2_dir, out)
     reader, _ = read_gguf(out)
     hf = AutoTokenizer.from_pretrained(gpt2_dir)
     tokens = field(reader, "tokenizer.ggml.tokens")
@@ -165,7 +183,7 @@ def rope_llama_cpp(vec, pos, theta):
 def test_simone_qk_rows_make_llama_cpp_rope_give_transformers_scores(simone_dir, tmp_path):
     from safetensors.numpy import load_file
     out = tmp_path / "simone.gguf"
-    run_ok(EXPORT, "--model_dir", simone_dir, "--output", out)
+    export_ok(simone_dir, out)
     reader, tensors = read_gguf(out)
     assert field(reader, "general.architecture") == "llama"
     assert field(reader, "llama.attention.head_count") == 4 and field(reader, "llama.attention.head_count_kv") == 2
@@ -188,8 +206,8 @@ def test_simone_qk_rows_make_llama_cpp_rope_give_transformers_scores(simone_dir,
 def test_llama_export_folder_gives_the_same_gguf_tensors(simone_dir, tmp_path):
     llama_dir = tmp_path / "llama"
     run_ok(EXPORT_LLAMA, "--model_dir", simone_dir, "--output_dir", llama_dir)
-    run_ok(EXPORT, "--model_dir", simone_dir, "--output", tmp_path / "simone.gguf")
-    run_ok(EXPORT, "--model_dir", llama_dir, "--output", tmp_path / "llama.gguf")
+    export_ok(simone_dir, tmp_path / "simone.gguf")
+    export_ok(llama_dir, tmp_path / "llama.gguf")
     simone_reader, simone = read_gguf(tmp_path / "simone.gguf")
     llama_reader, llama = read_gguf(tmp_path / "llama.gguf")
     assert field(llama_reader, "general.architecture") == "llama"
@@ -206,7 +224,7 @@ def test_dtype_stores_2d_weights_and_keeps_norms_f32(simone_dir, tmp_path, dtype
     from safetensors.numpy import load_file
     Q = gguf.GGMLQuantizationType
     out = tmp_path / f"simone-{dtype}.gguf"
-    run_ok(EXPORT, "--model_dir", simone_dir, "--output", out, "--dtype", dtype)
+    export_ok(simone_dir, out, dtype)
     reader, tensors = read_gguf(out)
     wanted = Q.F16 if dtype == "f16" else Q.Q8_0
     assert field(reader, "general.file_type") == (1 if dtype == "f16" else 7)
@@ -284,13 +302,10 @@ def test_unwritable_output_is_one_line(gpt2_dir, tmp_path, output, needle):
 
 def test_failed_write_leaves_no_temporary_file(gpt2_dir, tmp_path, monkeypatch):
     """A write that fails midway (disk full, say) removes its temporary file."""
-    sys.path.insert(0, str(REPO))
-    import export_gguf
-
     def full_disk(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
-    with pytest.raises(export_gguf.ExportError, match="No space left on device"):
-        export_gguf.export(gpt2_dir, tmp_path / "model.gguf")
+    with pytest.raises(exporter.ExportError, match="No space left on device"):
+        exporter.export(gpt2_dir, tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []

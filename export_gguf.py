@@ -478,7 +478,7 @@ def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ExportError("the gguf package is not installed; pip install 'gguf>=0.17'") from None
+        raise ExportError("the gguf package is not installed; pip install 'gguf>=0.16'") from None
     weights = architecture.tensors(load_weights(model_dir / "model.safetensors"), hp)
     tensors = gguf_named_tensors(weights, architecture.gguf_arch, hp)
 

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Do the saved model folders load and generate alike under transformers 4.57 and 5.x?
+
+    python3 benchmarks/check_transformers4.py --models_dir models --tf4_python venv-tf4/bin/python [--apply_fix]
+
+Every folder under --models_dir with a config.json (or --models_dir itself) is loaded in a clean
+interpreter of each transformers version, with nothing of this repository importable:
+AutoTokenizer + AutoModelForCausalLM (trust_remote_code only for model_type "simone"), then 20
+greedy tokens after a fixed prompt. The transformers 5 side is this interpreter's environment;
+the transformers 4 side is --tf4_python, a separate virtual environment, for example:
+
+    python3 -m venv venv-tf4 && venv-tf4/bin/pip install torch==2.13.0 && \\
+        venv-tf4/bin/pip install "transformers==4.57.*" tokenizers safetensors numpy
+
+--apply_fix runs on patched copies (in a temporary folder) instead: the file changes that make
+transformers 4 load what transformers 5 saved (see `patch_for_transformers4`). Exit status 0
+when every folder loads under both versions with the same prompt ids and greedy tokens, else 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mvlm_engine.isolation import ISOLATE_FROM_REPO
+
+PROMPT = "In the beginning God created"
+NEW_TOKENS = 20
+NOT_MODEL_FILES = {"checkpoints", "tensorboard"}
+
+# Runs in the clean interpreter: prints one JSON line, {"error": ...} when anything fails.
+CHILD = ISOLATE_FROM_REPO + r"""
+import json, sys, traceback
+try:
+    import torch, transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, remote, prompt, n_new = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    print(json.dumps({"version": transformers.__version__, "tokenizer": type(tokenizer).__name__,
+                      "ids": ids[0].tolist(), "greedy": out[0, ids.shape[1]:].tolist()}))
+except Exception as err:
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    print(json.dumps({"version": getattr(sys.modules.get("transformers"), "__version__", "?"),
+                      "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                      "where": f"{where.filename}:{where.lineno}"}))
+"""
+
+
+def model_folders(models_dir: Path) -> list[Path]:
+    """--models_dir itself when it is a model folder, else its subfolders that hold a config.json."""
+    if (models_dir / "config.json").is_file():
+        return [models_dir]
+    return sorted(p for p in models_dir.iterdir() if (p / "config.json").is_file())
+
+
+def needs_remote_code(folder: Path) -> bool:
+    return json.loads((folder / "config.json").read_text()).get("model_type") == "simone"
+
+
+def run_child(python: str, folder: Path, workdir: Path) -> dict:
+    """Load and generate in a clean interpreter (cwd outside the repo, no PYTHONPATH, -I)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Own cache for copied remote code per interpreter: no stale module from the other version.
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_MODULES_CACHE=str(workdir / "hf_modules" / str(abs(hash(python)))))
+    args = [python, "-I", "-c", CHILD, str(folder), "1" if needs_remote_code(folder) else "0", PROMPT, str(NEW_TOKENS)]
+    proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"error": f"interpreter exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(lines[-1])
+
+
+def context_length(config: dict) -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "max_seq_len"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def patch_for_transformers4(folder: Path) -> list[str]:
+    """Edit a copy of a model folder so transformers 4.57 loads it; returns what changed.
+
+    1. tokenizer_config.json: transformers 5 writes tokenizer_class "TokenizersBackend", a class
+       4.x lacks; "PreTrainedTokenizerFast" names the same tokenizer in both versions. An explicit
+       model_max_length keeps 4.x from taking its "very large" default.
+    2. hf_model.py (SIM-ONE remote code): import the config base class under either name
+       (PreTrainedConfig in 5.x, PretrainedConfig in 4.x).
+    """
+    changes = []
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") != "PreTrainedTokenizerFast":
+            changes.append(f"tokenizer_class {tok.get('tokenizer_class')!r} -> 'PreTrainedTokenizerFast'")
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        n_ctx = context_length(json.loads((folder / "config.json").read_text()))
+        if "model_max_length" not in tok and n_ctx:
+            changes.append(f"model_max_length -> {n_ctx}")
+            tok["model_max_length"] = n_ctx
+        tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
+    code = folder / "hf_model.py"
+    old = "from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel\n"
+    if code.is_file() and old in code.read_text():
+        new = ("from transformers import GenerationConfig, GenerationMixin, PreTrainedModel\n"
+               "try:  # transformers 5 name; 4.x calls it PretrainedConfig\n"
+               "    from transformers import PreTrainedConfig\n"
+               "except ImportError:\n"
+               "    from transformers import PretrainedConfig as PreTrainedConfig\n")
+        code.write_text(code.read_text().replace(old, new))
+        changes.append("hf_model.py: try-import PreTrainedConfig, else PretrainedConfig")
+    return changes
+
+
+def copy_model_files(folder: Path, dest_root: Path) -> Path:
+    dest = dest_root / folder.name
+    dest.mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in NOT_MODEL_FILES:
+            shutil.copyfile(path, dest / path.name)
+    return dest
+
+
+def describe(result: dict) -> str:
+    if "error" in result:
+        return f"FAILS  {result['error']}" + (f"  (at {result['where']})" if result.get("where") else "")
+    return f"loads  {result['tokenizer']}, greedy {result['greedy']}"
+
+
+def check_folder(folder: Path, tf4_python: str, workdir: Path) -> bool:
+    """Print both versions' results for one folder; True when they load and agree."""
+    tf5 = run_child(sys.executable, folder, workdir)
+    tf4 = run_child(tf4_python, folder, workdir)
+    print(f"\n{folder.name}:")
+    for result in (tf5, tf4):
+        print(f"  transformers {result.get('version', '?'):8s} {describe(result)}")
+    agree = "error" not in tf5 and "error" not in tf4 and (tf5["ids"], tf5["greedy"]) == (tf4["ids"], tf4["greedy"])
+    if "error" not in tf5 and "error" not in tf4:
+        print(f"  same prompt ids and {NEW_TOKENS} greedy tokens: {'yes' if agree else 'NO'}")
+    return agree
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models_dir", type=Path, required=True, help="a model folder, or a folder of them")
+    parser.add_argument("--tf4_python", required=True, help="python of a venv with transformers 4.57")
+    parser.add_argument("--apply_fix", action="store_true", help="check patched copies (see patch_for_transformers4)")
+    args = parser.parse_args()
+    folders = model_folders(args.models_dir) if args.models_dir.is_dir() else []
+    if not folders:
+        raise SystemExit(f"check_transformers4: error: no model folder (with config.json) in {args.models_dir}")
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for folder in folders:
+            if args.apply_fix:
+                folder = copy_model_files(folder, Path(tmp) / "patched")
+                print(f"\n{folder.name}: patched copy: {'; '.join(patch_for_transformers4(folder)) or 'no change'}")
+            ok &= check_folder(folder, args.tf4_python, Path(tmp))
+    print(f"\n{'every folder loads under both versions with the same greedy tokens' if ok else 'MISMATCH or failure'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

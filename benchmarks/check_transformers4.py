@@ -44,10 +44,12 @@ try:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
     print(json.dumps({"version": transformers.__version__, "tokenizer": type(tokenizer).__name__,
-                      "ids": ids[0].tolist(), "greedy": out[0, ids.shape[1]:].tolist()}))
+                      "ids": ids[0].tolist(), "greedy": out[0, ids.shape[1]:].tolist(),
+                      "prompt_logprob": logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum().item()}))
 except Exception as err:
     where = traceback.extract_tb(err.__traceback__)[-1]
     print(json.dumps({"version": getattr(sys.modules.get("transformers"), "__version__", "?"),
@@ -95,7 +97,8 @@ def patch_for_transformers4(folder: Path) -> list[str]:
        4.x lacks; "PreTrainedTokenizerFast" names the same tokenizer in both versions. An explicit
        model_max_length keeps 4.x from taking its "very large" default.
     2. hf_model.py (SIM-ONE remote code): import the config base class under either name
-       (PreTrainedConfig in 5.x, PretrainedConfig in 4.x).
+       (PreTrainedConfig in 5.x, PretrainedConfig in 4.x), and import every sibling file directly:
+       for a local folder, 4.x copies only the files the entry module itself imports.
     """
     changes = []
     tok_path = folder / "tokenizer_config.json"
@@ -117,8 +120,13 @@ def patch_for_transformers4(folder: Path) -> list[str]:
                "    from transformers import PreTrainedConfig\n"
                "except ImportError:\n"
                "    from transformers import PretrainedConfig as PreTrainedConfig\n")
-        code.write_text(code.read_text().replace(old, new))
-        changes.append("hf_model.py: try-import PreTrainedConfig, else PretrainedConfig")
+        siblings = ("from .enhanced_model import SimOneConfig, SimOneModel\n"
+                    "from .modern_layers import RMSNorm  # noqa: F401\n"
+                    "from .rope_attention import KVCache  # noqa: F401\n")
+        text = code.read_text().replace(old, new)
+        code.write_text(text.replace("from .enhanced_model import SimOneConfig, SimOneModel\n", siblings))
+        changes.append("hf_model.py: try-import PreTrainedConfig, else PretrainedConfig; import "
+                       "modern_layers and rope_attention directly")
     return changes
 
 
@@ -144,10 +152,15 @@ def check_folder(folder: Path, tf4_python: str, workdir: Path) -> bool:
     print(f"\n{folder.name}:")
     for result in (tf5, tf4):
         print(f"  transformers {result.get('version', '?'):8s} {describe(result)}")
-    agree = "error" not in tf5 and "error" not in tf4 and (tf5["ids"], tf5["greedy"]) == (tf4["ids"], tf4["greedy"])
-    if "error" not in tf5 and "error" not in tf4:
-        print(f"  same prompt ids and {NEW_TOKENS} greedy tokens: {'yes' if agree else 'NO'}")
-    return agree
+    if "error" in tf5 or "error" in tf4:
+        return False
+    same_tokens = (tf5["ids"], tf5["greedy"]) == (tf4["ids"], tf4["greedy"])
+    # Same weights and arithmetic: the prompt's log-probability may differ only by float rounding.
+    same_logprob = abs(tf5["prompt_logprob"] - tf4["prompt_logprob"]) <= 1e-4 * max(1.0, abs(tf5["prompt_logprob"]))
+    print(f"  same prompt ids and {NEW_TOKENS} greedy tokens: {'yes' if same_tokens else 'NO'}; prompt "
+          f"log-probability {tf5['prompt_logprob']:.6f} vs {tf4['prompt_logprob']:.6f}: "
+          f"{'same' if same_logprob else 'DIFFERENT'}")
+    return same_tokens and same_logprob
 
 
 def main() -> int:

@@ -69,15 +69,25 @@ def gpt2_dir(tokenizer_file, tmp_path_factory):
 
 
 def save_simone(tokenizer_file, out, **overrides):
-    """What enhanced_train.py saves, with random weights; ffn 80 leaves ffn_down rows unquantizable."""
+    """What enhanced_train.py saves, with random weights; ffn 80 leaves ffn_down rows unquantizable.
+
+    The trainer's own steps: modelling folder, tokenizer files, special ids in config.json.
+    """
     import torch
     from simone_transformer import SimOneModel, preset_config
     from simone_transformer.hf_model import save_pretrained_dir
+    from mvlm_engine.tokenizer import eos_id, hf_tokenizer, load_tokenizer
     torch.manual_seed(0)
     settings = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=80, max_seq_len=64,
                     policy_gate=False, memory_tokens=0, rope_theta=5e5)
     model = SimOneModel(preset_config("tiny", vocab_size=vocab_size_of(tokenizer_file), **{**settings, **overrides}))
-    return save_pretrained_dir(model, out, tokenizer_file=tokenizer_file)
+    save_pretrained_dir(model, out)
+    hf_tokenizer(tokenizer_file, model_max_length=model.config.max_seq_len).save_pretrained(out)
+    eos = eos_id(load_tokenizer(tokenizer_file))
+    config = json.loads((out / "config.json").read_text())
+    config.update(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +319,138 @@ def test_failed_write_leaves_no_temporary_file(gpt2_dir, tmp_path, monkeypatch):
     with pytest.raises(exporter.ExportError, match="No space left on device"):
         exporter.export(gpt2_dir, tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- end to end: llama.cpp vs transformers
+
+PROMPT = "In the beginning God created"
+TRICKY_TEXTS = [
+    "naïve café façade — “smart quotes” and ‘single’ … ½ ©",
+    "emoji 🙏🏽 family 👨‍👩‍👧 flag 🇬🇧 rocket🚀🚀",
+    "中文圣经 日本語の聖書 한국어 성경 עברית ελληνικά русский",
+    "runs   of    spaces\n\n\nand\n \n  newlines\t\ttabs\r\nCRLF   ",
+    "   leading spaces, trailing spaces   ",
+    "numbers 1234567 3.14159 1,000,000 and 'tis I'M they've we'LL",
+    "\n\n",
+]
+E2E_VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def e2e_gpt2(llama_cpp, small_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e_gpt2") / "mvlm_gpt2"
+    run_ok(REPO / "mvlm_trainer.py", "--preset", "tiny", "--data_dir", small_corpus, "--output_dir", out,
+           "--vocab_size", E2E_VOCAB, "--device", "cpu", "--seed", 5, "--max_steps", 150, "--eval_interval", 150)
+    return out
+
+
+@pytest.fixture(scope="module")
+def e2e_simone(llama_cpp, small_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e_simone") / "simone_plain"
+    run_ok(REPO / "SIM-ONE Training" / "enhanced_train.py", "--preset", "tiny", "--data_dir", small_corpus,
+           "--output_dir", out, "--vocab_size", E2E_VOCAB, "--device", "cpu", "--seed", 3, "--batch_size", 8,
+           "--gradient_accumulation_steps", 1, "--max_steps", 150, "--eval_interval", 150,
+           "--no_policy_gate", "--memory_tokens", 0, "--coherence_weight", 0, "--alignment_weight", 0)
+    return out
+
+
+def held_out_text(corpus_dir, n_chars=6000):
+    """A fixed stretch of the corpus's held-out books (never trained on)."""
+    from mvlm_engine.corpus import load_corpus
+    return "\n".join(load_corpus(corpus_dir).documents("val"))[:n_chars]
+
+
+class Pair:
+    """One model folder as transformers loads it, and its GGUF export in llama.cpp."""
+
+    def __init__(self, model_dir, gguf_path, llama_cpp):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        remote = json.loads((model_dir / "config.json").read_text())["model_type"] == "simone"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote,
+                                                          dtype=torch.float32).eval()
+        reader = gguf.GGUFReader(str(gguf_path))
+        self.n_ctx = field(reader, f"{field(reader, 'general.architecture')}.context_length")
+        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                                   logits_all=True, n_threads=2, seed=0, verbose=False)
+
+    def hf_ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def cpp_ids(self, text, special=False):
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def hf_greedy(self, ids, n):
+        import torch
+        prompt = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      do_sample=False, eos_token_id=None, pad_token_id=self.tokenizer.eos_token_id)
+        return out[0, len(ids):].tolist()
+
+    def cpp_greedy(self, ids, n):
+        """Argmax decoding with llama.cpp's KV cache, one token at a time."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        new = []
+        for _ in range(n):
+            new.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            self.llm.eval([new[-1]])
+        return new
+
+    def hf_logprobs(self, ids):
+        import torch
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids])).logits[0].double()
+        return torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+
+    def cpp_logprobs(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        logits = np.asarray(self.llm.scores[: len(ids)], dtype=np.float64)
+        peak = logits.max(-1, keepdims=True)
+        log_norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(-1))
+        return (logits[np.arange(len(ids) - 1), ids[1:]] - log_norm[:-1])
+
+
+def perplexities(pair, text):
+    """Held-out perplexity of both runtimes on the same ids, in windows of the model's context."""
+    ids = pair.hf_ids(text)
+    windows = [ids[i: i + pair.n_ctx] for i in range(0, len(ids) - pair.n_ctx + 1, pair.n_ctx)][:8]
+    assert len(windows) >= 2, len(ids)
+    hf = np.concatenate([pair.hf_logprobs(w) for w in windows])
+    cpp = np.concatenate([pair.cpp_logprobs(w) for w in windows])
+    return float(np.exp(-hf.mean())), float(np.exp(-cpp.mean())), len(hf)
+
+
+def check_llama_cpp_reproduces_transformers(model_dir, corpus_dir, tmp_path, llama_cpp):
+    pair = Pair(model_dir, export_ok(model_dir, tmp_path / "model.gguf"), llama_cpp)
+    for text in [PROMPT, held_out_text(corpus_dir, 400), *TRICKY_TEXTS]:
+        assert pair.cpp_ids(text) == pair.hf_ids(text), repr(text)
+    special = "end<|endoftext|>The beginning"
+    assert pair.cpp_ids(special, special=True) == pair.hf_ids(special)
+    prompt = pair.hf_ids(PROMPT)
+    hf_tokens, cpp_tokens = pair.hf_greedy(prompt, 20), pair.cpp_greedy(prompt, 20)
+    assert cpp_tokens == hf_tokens, (pair.tokenizer.decode(hf_tokens), pair.tokenizer.decode(cpp_tokens))
+    hf_ppl, cpp_ppl, n_tokens = perplexities(pair, held_out_text(corpus_dir))
+    print(f"\n{model_dir.name}: greedy {sum(a == b for a, b in zip(hf_tokens, cpp_tokens))}/20 equal; held-out "
+          f"perplexity over {n_tokens} tokens: transformers {hf_ppl:.4f}, llama.cpp {cpp_ppl:.4f} "
+          f"({100 * (cpp_ppl / hf_ppl - 1):+.4f}%)")
+    assert hf_ppl < E2E_VOCAB / 4  # a trained model, so agreement means something
+    assert abs(cpp_ppl / hf_ppl - 1) < 1e-3
+
+
+@pytest.mark.e2e
+def test_llama_cpp_runs_mvlm_gpt2_as_transformers_does(e2e_gpt2, small_corpus, tmp_path, llama_cpp):
+    check_llama_cpp_reproduces_transformers(e2e_gpt2, small_corpus, tmp_path, llama_cpp)
+
+
+@pytest.mark.e2e
+def test_llama_cpp_runs_simone_as_transformers_does(e2e_simone, small_corpus, tmp_path, llama_cpp):
+    check_llama_cpp_reproduces_transformers(e2e_simone, small_corpus, tmp_path, llama_cpp)

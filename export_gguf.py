@@ -494,8 +494,16 @@ def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
             f"{output.stat().st_size:,} bytes)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other error here."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", required=True, type=Path,
                         help="trained model folder (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--output", required=True, type=Path, help="GGUF file to write")

@@ -310,6 +310,14 @@ def test_unwritable_output_is_one_line(gpt2_dir, tmp_path, output, needle):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_directory"]
 
 
+@pytest.mark.parametrize("args, needle", [([], "required"), (["--dtype", "q4_0"], "invalid choice")])
+def test_usage_errors_are_one_line(gpt2_dir, tmp_path, args, needle):
+    proc = run_script(EXPORT, *(["--model_dir", gpt2_dir, "--output", tmp_path / "m.gguf"] if args else []), *args)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_write_leaves_no_temporary_file(gpt2_dir, tmp_path, monkeypatch):
     """A write that fails midway (disk full, say) removes its temporary file."""
     def full_disk(self, *args, **kwargs):

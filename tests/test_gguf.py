@@ -74,13 +74,13 @@ def save_simone(tokenizer_file, out, **overrides):
     The trainer's own steps: modelling folder, tokenizer files, special ids in config.json.
     """
     import torch
-    from simone_transformer import SimOneModel, preset_config
+    from simone_transformer import SimOneConfig, SimOneModel
     from simone_transformer.hf_model import save_pretrained_dir
     from mvlm_engine.tokenizer import eos_id, hf_tokenizer, load_tokenizer
     torch.manual_seed(0)
     settings = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=80, max_seq_len=64,
                     policy_gate=False, memory_tokens=0, rope_theta=5e5)
-    model = SimOneModel(preset_config("tiny", vocab_size=vocab_size_of(tokenizer_file), **{**settings, **overrides}))
+    model = SimOneModel(SimOneConfig.from_dict({**settings, "vocab_size": vocab_size_of(tokenizer_file), **overrides}))
     save_pretrained_dir(model, out)
     hf_tokenizer(tokenizer_file, model_max_length=model.config.max_seq_len).save_pretrained(out)
     eos = eos_id(load_tokenizer(tokenizer_file))
@@ -342,6 +342,7 @@ TRICKY_TEXTS = [
     "\n\n",
 ]
 E2E_VOCAB = 1024
+TRAIN_TIMEOUT = 1800  # about a minute each on an idle CPU; far longer on a shared one
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +354,8 @@ def llama_cpp():
 def e2e_gpt2(llama_cpp, small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e_gpt2") / "mvlm_gpt2"
     run_ok(REPO / "mvlm_trainer.py", "--preset", "tiny", "--data_dir", small_corpus, "--output_dir", out,
-           "--vocab_size", E2E_VOCAB, "--device", "cpu", "--seed", 5, "--max_steps", 150, "--eval_interval", 150)
+           "--vocab_size", E2E_VOCAB, "--device", "cpu", "--seed", 5, "--max_steps", 150, "--eval_interval", 150,
+           timeout=TRAIN_TIMEOUT)
     return out
 
 
@@ -363,7 +365,8 @@ def e2e_simone(llama_cpp, small_corpus, tmp_path_factory):
     run_ok(REPO / "SIM-ONE Training" / "enhanced_train.py", "--preset", "tiny", "--data_dir", small_corpus,
            "--output_dir", out, "--vocab_size", E2E_VOCAB, "--device", "cpu", "--seed", 3, "--batch_size", 8,
            "--gradient_accumulation_steps", 1, "--max_steps", 150, "--eval_interval", 150,
-           "--no_policy_gate", "--memory_tokens", 0, "--coherence_weight", 0, "--alignment_weight", 0)
+           "--no_policy_gate", "--memory_tokens", 0, "--coherence_weight", 0, "--alignment_weight", 0,
+           timeout=TRAIN_TIMEOUT)
     return out
 
 

@@ -33,28 +33,41 @@ PROMPT = "In the beginning God created"
 NEW_TOKENS = 20
 NOT_MODEL_FILES = {"checkpoints", "tensorboard"}
 
-# Runs in the clean interpreter: prints one JSON line, {"error": ...} when anything fails.
+# Runs in the clean interpreter: prints one JSON line. Tokenizer and model load separately, so
+# one failure does not hide the other.
 CHILD = ISOLATE_FROM_REPO + r"""
 import json, sys, traceback
-try:
-    import torch, transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, remote, prompt, n_new = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    print(json.dumps({"version": transformers.__version__, "tokenizer": type(tokenizer).__name__,
-                      "ids": ids[0].tolist(), "greedy": out[0, ids.shape[1]:].tolist(),
-                      "prompt_logprob": logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum().item()}))
-except Exception as err:
+import torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, remote, prompt, n_new = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
+result = {"version": transformers.__version__}
+
+def failure(err):
     where = traceback.extract_tb(err.__traceback__)[-1]
-    print(json.dumps({"version": getattr(sys.modules.get("transformers"), "__version__", "?"),
-                      "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                      "where": f"{where.filename}:{where.lineno}"}))
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]} (at {where.filename}:{where.lineno})"
+
+try:
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+    result["tokenizer"] = type(tokenizer).__name__
+except Exception as err:
+    result["tokenizer_error"] = failure(err)
+try:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+    result["model"] = type(model).__name__
+except Exception as err:
+    result["model_error"] = failure(err)
+if "tokenizer" in result and "model" in result:
+    try:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+        result.update(ids=ids[0].tolist(), greedy=out[0, ids.shape[1]:].tolist(),
+                      prompt_logprob=logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum().item())
+    except Exception as err:
+        result["generate_error"] = failure(err)
+print(json.dumps(result))
 """
 
 
@@ -79,7 +92,7 @@ def run_child(python: str, folder: Path, workdir: Path) -> dict:
     proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        return {"error": f"interpreter exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+        return {"model_error": f"interpreter exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
     return json.loads(lines[-1])
 
 
@@ -96,7 +109,9 @@ def patch_for_transformers4(folder: Path) -> list[str]:
     1. tokenizer_config.json: transformers 5 writes tokenizer_class "TokenizersBackend", a class
        4.x lacks; "PreTrainedTokenizerFast" names the same tokenizer in both versions. An explicit
        model_max_length keeps 4.x from taking its "very large" default.
-    2. hf_model.py (SIM-ONE remote code): import the config base class under either name
+    2. config.json of a Llama folder: transformers 5 keeps rope_theta inside rope_parameters,
+       4.x reads only the top-level rope_theta and silently falls back to 10000 without it.
+    3. hf_model.py (SIM-ONE remote code): import the config base class under either name
        (PreTrainedConfig in 5.x, PretrainedConfig in 4.x), and import every sibling file directly:
        for a local folder, 4.x copies only the files the entry module itself imports.
     """
@@ -112,6 +127,7 @@ def patch_for_transformers4(folder: Path) -> list[str]:
             changes.append(f"model_max_length -> {n_ctx}")
             tok["model_max_length"] = n_ctx
         tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
+    changes += add_top_level_rope_theta(folder / "config.json")
     code = folder / "hf_model.py"
     old = "from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel\n"
     if code.is_file() and old in code.read_text():
@@ -130,6 +146,16 @@ def patch_for_transformers4(folder: Path) -> list[str]:
     return changes
 
 
+def add_top_level_rope_theta(config_path: Path) -> list[str]:
+    config = json.loads(config_path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if config.get("model_type") != "llama" or theta is None or "rope_theta" in config:
+        return []
+    config["rope_theta"] = theta
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return [f"config.json: rope_theta {theta} at the top level"]
+
+
 def copy_model_files(folder: Path, dest_root: Path) -> Path:
     dest = dest_root / folder.name
     dest.mkdir(parents=True)
@@ -140,9 +166,11 @@ def copy_model_files(folder: Path, dest_root: Path) -> Path:
 
 
 def describe(result: dict) -> str:
-    if "error" in result:
-        return f"FAILS  {result['error']}" + (f"  (at {result['where']})" if result.get("where") else "")
-    return f"loads  {result['tokenizer']}, greedy {result['greedy']}"
+    errors = [f"{part} FAILS {result[part + '_error']}" for part in ("tokenizer", "model", "generate")
+              if part + "_error" in result]
+    if errors:
+        return "; ".join(errors)
+    return f"loads  {result['tokenizer']} + {result['model']}, greedy {result['greedy']}"
 
 
 def check_folder(folder: Path, tf4_python: str, workdir: Path) -> bool:
@@ -152,7 +180,7 @@ def check_folder(folder: Path, tf4_python: str, workdir: Path) -> bool:
     print(f"\n{folder.name}:")
     for result in (tf5, tf4):
         print(f"  transformers {result.get('version', '?'):8s} {describe(result)}")
-    if "error" in tf5 or "error" in tf4:
+    if "greedy" not in tf5 or "greedy" not in tf4:
         return False
     same_tokens = (tf5["ids"], tf5["greedy"]) == (tf4["ids"], tf4["greedy"])
     # Same weights and arithmetic: the prompt's log-probability may differ only by float rounding.

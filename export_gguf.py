@@ -26,6 +26,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -77,8 +78,9 @@ def read_config(model_dir: Path) -> dict:
     return config
 
 
-def config_value(config: dict, key: str, kind: type, default=None):
-    """config[key] checked to be of `kind` (int accepted for float); `default` when absent."""
+def config_value(config: dict, key: str, kind: type, default=None, minimum: float = 1e-30):
+    """config[key] checked to be of `kind` (int accepted for float) and, if a number, at least
+    `minimum` (sizes and epsilons are positive); `default` when absent."""
     value = config.get(key, default)
     if value is None:
         raise ExportError(f"config.json lacks {key!r}")
@@ -87,6 +89,8 @@ def config_value(config: dict, key: str, kind: type, default=None):
         value, ok = float(value), True
     if not ok:
         raise ExportError(f"config.json {key!r} must be {kind.__name__}, got {value!r}")
+    if kind in (int, float) and not value >= minimum:
+        raise ExportError(f"config.json {key!r} must be positive, got {value!r}")
     return value
 
 
@@ -115,7 +119,7 @@ def governance_features(config: dict) -> list[str]:
     features = []
     if config_value(config, "policy_gate", bool, True):
         features.append("policy_gate (per-head sigmoid gate on attention outputs)")
-    memory = config_value(config, "memory_tokens", int, 8)
+    memory = config_value(config, "memory_tokens", int, 8, minimum=0)
     if memory > 0:
         features.append(f"memory_tokens={memory} (learned memory prefix)")
     return features
@@ -227,8 +231,9 @@ def gpt2_tensors(weights: dict[str, np.ndarray], hp: Hparams) -> dict[str, np.nd
 @dataclass
 class Architecture:
     gguf_arch: str
-    hparams: object  # config dict -> Hparams
-    tensors: object  # (weights, Hparams) -> weights under transformers names, GGUF layout
+    hparams: Callable[[dict], Hparams]
+    # (weights, Hparams) -> weights under transformers names, in GGUF's layout
+    tensors: Callable[[dict[str, np.ndarray], Hparams], dict[str, np.ndarray]]
 
 
 ARCHITECTURES = {
@@ -339,7 +344,7 @@ def read_tokenizer_json(model_dir: Path) -> dict:
     if not isinstance(model, dict) or model.get("type") != "BPE":
         raise ExportError(f"{path} is not a BPE tokenizer")
     pre = data.get("pre_tokenizer") or {}
-    if (pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or pre.get("use_regex") is False
+    if (not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or pre.get("use_regex") is False
             or data.get("normalizer") is not None):
         raise ExportError(f"{path}: only byte-level BPE with GPT-2 pre-tokenization, no prefix space and "
                           "no normalizer can be tokenized identically by llama.cpp")
@@ -409,18 +414,34 @@ def add_hparams(writer, arch: str, hp: Hparams) -> None:
         writer.add_value_length(hp.head_dim)
 
 
-def add_tokenizer(writer, data: dict, config: dict, vocab_size: int) -> None:
-    tokens, types = vocabulary(data, vocab_size)
+@dataclass
+class TokenizerMetadata:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int]
+
+
+def tokenizer_metadata(data: dict, config: dict, vocab_size: int) -> TokenizerMetadata:
+    """Everything the GGUF tokenizer keys need, checked before any file is opened."""
+    try:
+        tokens, types = vocabulary(data, vocab_size)
+        merges = merge_list(data)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ExportError(f"tokenizer.json is malformed ({err.__class__.__name__}: {err})") from None
+    return TokenizerMetadata(tokens, types, merges, special_token_ids(config, tokens))
+
+
+def add_tokenizer(writer, meta: TokenizerMetadata) -> None:
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(GPT2_PRE_TOKENIZER)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merge_list(data))
-    ids = special_token_ids(config, tokens)
+    writer.add_token_list(meta.tokens)
+    writer.add_token_types(meta.types)
+    writer.add_token_merges(meta.merges)
     for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("pad", writer.add_pad_token_id)):
-        if role in ids:
-            add(ids[role])
+        if role in meta.special_ids:
+            add(meta.special_ids[role])
     # The trainers never prepend or append special tokens; prompts must tokenize the same way.
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
@@ -474,7 +495,7 @@ def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
     config = read_config(model_dir)
     architecture = architecture_of(config)
     hp = architecture.hparams(config)
-    tokenizer = read_tokenizer_json(model_dir)
+    tokenizer = tokenizer_metadata(read_tokenizer_json(model_dir), config, hp.vocab_size)
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -484,7 +505,7 @@ def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
 
     def fill(writer):
         add_hparams(writer, architecture.gguf_arch, hp)
-        add_tokenizer(writer, tokenizer, config, hp.vocab_size)
+        add_tokenizer(writer, tokenizer)
 
     try:
         write_gguf(output, architecture.gguf_arch, model_dir.name, fill, tensors, dtype)

@@ -267,6 +267,10 @@ def test_governance_on_is_refused_in_one_line(tokenizer_file, tmp_path, override
     assert list(out_dir.iterdir()) == []
 
 
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -281,6 +285,11 @@ BAD_INPUTS = {
     "config is a list": (lambda d: d, lambda d: (d / "config.json").write_text("[1, 2]"), "JSON list"),
     "unknown model_type": (lambda d: d, lambda d: (d / "config.json").write_text('{"model_type": "bert"}'),
                            "model_type 'bert' is not supported"),
+    "zero heads": (lambda d: d, lambda d: edit_json(d / "config.json", n_head=0), "'n_head' must be positive"),
+    "not a BPE tokenizer": (lambda d: d, lambda d: edit_json(d / "tokenizer.json", model={"type": "WordPiece"}),
+                            "is not a BPE tokenizer"),
+    "malformed tokenizer": (lambda d: d, lambda d: edit_json(d / "tokenizer.json", added_tokens=[{"content": "x"}]),
+                            "tokenizer.json is malformed"),
 }
 
 

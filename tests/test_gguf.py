@@ -1,30 +1,32 @@
 """export_gguf.py: GGUF files for llama.cpp from MVLM-GPT2, SIM-ONE and Llama folders.
 
-Unit tests (always run when the `gguf` package is installed, as in CI): the file reads back
-with gguf's GGUFReader with the right architecture, tensors and tokenizer keys; q/k rows are
-reordered so llama.cpp's RoPE computes what transformers' does; governance-on SIM-ONE and bad
-input are refused in one line with nothing written. These build random-weight folders in the
-trainers' formats, so they take seconds.
+Unit tests (run wherever the `gguf` package is installed, as in CI; seconds): the file reads
+back with gguf's GGUFReader with the right architecture, tensors and tokenizer keys; q/k rows
+are reordered so llama.cpp's RoPE computes what transformers' does; governance-on SIM-ONE and
+bad input are refused in one line, exit status 2, with nothing written. They build
+random-weight folders the way the trainers save them and call export_gguf in-process.
 
-End-to-end tests (marked e2e, opt-in): they need llama.cpp's Python binding, which compiles
-llama.cpp from source (a few minutes on CPU) and is not in requirements.txt:
+End-to-end tests (marked e2e): the command line on really trained models and, opt-in,
+llama.cpp itself through its Python binding, which compiles llama.cpp from source (a few
+minutes on CPU) and is deliberately not in requirements.txt:
 
     CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python
     python -m pytest -q tests/test_gguf.py -m e2e
 
-They train a tiny MVLM-GPT2 and a tiny governance-off SIM-ONE with the project's trainers,
-export both and check that llama.cpp reproduces transformers: the same 20 greedy tokens, the
-same held-out perplexity within 0.1%, and the same token ids for awkward text. Without
-llama_cpp they are skipped.
+They export a tiny trained MVLM-GPT2 and a tiny trained governance-off SIM-ONE and check that
+llama.cpp reproduces transformers: the same 20 greedy tokens, the same held-out perplexity
+within 0.1%, the same token ids for awkward text. Without llama_cpp those are skipped.
 """
 import importlib.util
 import json
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_ok, run_script
+from conftest import (REPO, SIMONE_TRAINER, TEST_VOCAB, assert_one_line_error, run_ok, run_script,
+                      tiny_args)
 
 gguf = pytest.importorskip("gguf")
 
@@ -95,20 +97,29 @@ def simone_dir(tokenizer_file, tmp_path_factory):
     return save_simone(tokenizer_file, tmp_path_factory.mktemp("simone") / "simone_plain")
 
 
-def export(model_dir, output, *extra):
-    """The command line, as a user runs it (for exit status and stderr)."""
-    return run_script(EXPORT, "--model_dir", model_dir, "--output", output, *extra)
-
-
-def load_exporter():
-    spec = importlib.util.spec_from_file_location("export_gguf", EXPORT)
+def load_script(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["export_gguf"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-exporter = load_exporter()
+exporter = load_script(EXPORT, "export_gguf")
+
+
+def run_main(capsys, *args):
+    """export_gguf's command line in-process: (exit status, stdout, stderr) as a process would give."""
+    try:
+        status = exporter.main([str(a) for a in args])
+    except SystemExit as stop:  # argparse usage errors
+        status = stop.code
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
+
+
+def export(capsys, model_dir, output, *extra):
+    return run_main(capsys, "--model_dir", model_dir, "--output", output, *extra)
 
 
 def export_ok(model_dir, output, dtype="f32"):
@@ -133,8 +144,7 @@ def field(reader, key):
 def test_gpt2_folder_reads_back_as_gpt2_with_transposed_conv1d(gpt2_dir, tmp_path):
     from safetensors.numpy import load_file
     out = tmp_path / "gpt2.gguf"
-    proc = run_ok(EXPORT, "--model_dir", gpt2_dir, "--output", out)  # the command line, once
-    assert f"wrote {out} (gpt2, f32, 28 tensors" in proc.stdout
+    assert exporter.export(gpt2_dir, out).startswith(f"wrote {out} (gpt2, f32, 28 tensors")
     reader, tensors = read_gguf(out)
     config = json.loads((gpt2_dir / "config.json").read_text())
     assert field(reader, "general.architecture") == "gpt2"
@@ -215,7 +225,7 @@ def test_simone_qk_rows_make_llama_cpp_rope_give_transformers_scores(simone_dir,
 
 def test_llama_export_folder_gives_the_same_gguf_tensors(simone_dir, tmp_path):
     llama_dir = tmp_path / "llama"
-    run_ok(EXPORT_LLAMA, "--model_dir", simone_dir, "--output_dir", llama_dir)
+    load_script(EXPORT_LLAMA, "export_llama").export(simone_dir, llama_dir)
     export_ok(simone_dir, tmp_path / "simone.gguf")
     export_ok(llama_dir, tmp_path / "llama.gguf")
     simone_reader, simone = read_gguf(tmp_path / "simone.gguf")
@@ -257,11 +267,11 @@ def test_dtype_stores_2d_weights_and_keeps_norms_f32(simone_dir, tmp_path, dtype
     (dict(memory_tokens=2), ["memory_tokens=2"]),
     (dict(policy_gate=True, memory_tokens=3), ["policy_gate", "memory_tokens=3"]),
 ])
-def test_governance_on_is_refused_in_one_line(tokenizer_file, tmp_path, overrides, needles):
+def test_governance_on_is_refused_in_one_line(tokenizer_file, tmp_path, capsys, overrides, needles):
     model_dir = save_simone(tokenizer_file, tmp_path / "governed", **overrides)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = export(model_dir, out_dir / "governed.gguf")
+    proc = export(capsys, model_dir, out_dir / "governed.gguf")
     assert proc.returncode == 2
     assert_one_line_error(proc, "governance", *needles)
     assert list(out_dir.iterdir()) == []
@@ -294,7 +304,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_and_writes_nothing(gpt2_dir, tmp_path, case):
+def test_bad_input_is_one_line_and_writes_nothing(gpt2_dir, tmp_path, capsys, case):
     import shutil
     model_dir = tmp_path / "model"
     shutil.copytree(gpt2_dir, model_dir)
@@ -303,7 +313,7 @@ def test_bad_input_is_one_line_and_writes_nothing(gpt2_dir, tmp_path, case):
         damage(model_dir)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = export(pick(model_dir), out_dir / "model.gguf")
+    proc = export(capsys, pick(model_dir), out_dir / "model.gguf")
     assert proc.returncode == 2
     assert_one_line_error(proc, needle)
     assert list(out_dir.iterdir()) == []
@@ -311,17 +321,17 @@ def test_bad_input_is_one_line_and_writes_nothing(gpt2_dir, tmp_path, case):
 
 @pytest.mark.parametrize("output, needle", [("missing_dir/model.gguf", "does not exist"),
                                             ("a_directory", "is a directory")])
-def test_unwritable_output_is_one_line(gpt2_dir, tmp_path, output, needle):
+def test_unwritable_output_is_one_line(gpt2_dir, tmp_path, capsys, output, needle):
     (tmp_path / "a_directory").mkdir()
-    proc = export(gpt2_dir, tmp_path / output)
+    proc = export(capsys, gpt2_dir, tmp_path / output)
     assert proc.returncode == 2
     assert_one_line_error(proc, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_directory"]
 
 
 @pytest.mark.parametrize("args, needle", [([], "required"), (["--dtype", "q4_0"], "invalid choice")])
-def test_usage_errors_are_one_line(gpt2_dir, tmp_path, args, needle):
-    proc = run_script(EXPORT, *(["--model_dir", gpt2_dir, "--output", tmp_path / "m.gguf"] if args else []), *args)
+def test_usage_errors_are_one_line(gpt2_dir, tmp_path, capsys, args, needle):
+    proc = run_main(capsys, *(["--model_dir", gpt2_dir, "--output", tmp_path / "m.gguf"] if args else []), *args)
     assert proc.returncode == 2
     assert_one_line_error(proc, needle)
     assert list(tmp_path.iterdir()) == []
@@ -350,33 +360,34 @@ TRICKY_TEXTS = [
     "numbers 1234567 3.14159 1,000,000 and 'tis I'M they've we'LL",
     "\n\n",
 ]
-E2E_VOCAB = 1024
-TRAIN_TIMEOUT = 1800  # about a minute each on an idle CPU; far longer on a shared one
+TRAIN_TIMEOUT = 1800  # about a minute on an idle CPU; far longer on a shared one
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama_cpp():
+    """Session-scoped and listed first, so a missing binding skips before any training."""
     return pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture(scope="module")
-def e2e_gpt2(llama_cpp, small_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e_gpt2") / "mvlm_gpt2"
-    run_ok(REPO / "mvlm_trainer.py", "--preset", "tiny", "--data_dir", small_corpus, "--output_dir", out,
-           "--vocab_size", E2E_VOCAB, "--device", "cpu", "--seed", 5, "--max_steps", 150, "--eval_interval", 150,
-           timeout=TRAIN_TIMEOUT)
+@pytest.fixture(scope="session")
+def plain_simone(small_corpus, tmp_path_factory):
+    """A tiny trained SIM-ONE with every governance mechanism off (a Llama model)."""
+    out = tmp_path_factory.mktemp("plain_simone") / "run"
+    run_ok(*tiny_args(SIMONE_TRAINER, small_corpus, out, "--batch_size", 8, "--max_steps", 150,
+                      "--eval_interval", 150, "--no_policy_gate", "--memory_tokens", 0, "--coherence_weight", 0,
+                      "--alignment_weight", 0, seed=3), timeout=TRAIN_TIMEOUT)
     return out
 
 
-@pytest.fixture(scope="module")
-def e2e_simone(llama_cpp, small_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e_simone") / "simone_plain"
-    run_ok(REPO / "SIM-ONE Training" / "enhanced_train.py", "--preset", "tiny", "--data_dir", small_corpus,
-           "--output_dir", out, "--vocab_size", E2E_VOCAB, "--device", "cpu", "--seed", 3, "--batch_size", 8,
-           "--gradient_accumulation_steps", 1, "--max_steps", 150, "--eval_interval", 150,
-           "--no_policy_gate", "--memory_tokens", 0, "--coherence_weight", 0, "--alignment_weight", 0,
-           timeout=TRAIN_TIMEOUT)
-    return out
+@pytest.mark.e2e
+def test_command_line_exports_gpt2_and_refuses_governed_simone(trained_gpt2, trained_simone, tmp_path):
+    proc = run_ok(EXPORT, "--model_dir", trained_gpt2, "--output", tmp_path / "gpt2.gguf", "--dtype", "q8_0")
+    assert f"wrote {tmp_path / 'gpt2.gguf'} (gpt2, q8_0, 28 tensors" in proc.stdout
+    assert gguf.GGUFReader(str(tmp_path / "gpt2.gguf")).get_field("general.file_type").contents() == 7
+    proc = run_script(EXPORT, "--model_dir", trained_simone, "--output", tmp_path / "simone.gguf")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "governance", "policy_gate", "memory_tokens=")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.gguf"]
 
 
 def held_out_text(corpus_dir, n_chars=6000):
@@ -462,15 +473,15 @@ def check_llama_cpp_reproduces_transformers(model_dir, corpus_dir, tmp_path, lla
     print(f"\n{model_dir.name}: greedy {sum(a == b for a, b in zip(hf_tokens, cpp_tokens))}/20 equal; held-out "
           f"perplexity over {n_tokens} tokens: transformers {hf_ppl:.4f}, llama.cpp {cpp_ppl:.4f} "
           f"({100 * (cpp_ppl / hf_ppl - 1):+.4f}%)")
-    assert hf_ppl < E2E_VOCAB / 4  # a trained model, so agreement means something
+    assert hf_ppl < TEST_VOCAB / 4  # a trained model, so agreement means something
     assert abs(cpp_ppl / hf_ppl - 1) < 1e-3
 
 
 @pytest.mark.e2e
-def test_llama_cpp_runs_mvlm_gpt2_as_transformers_does(e2e_gpt2, small_corpus, tmp_path, llama_cpp):
-    check_llama_cpp_reproduces_transformers(e2e_gpt2, small_corpus, tmp_path, llama_cpp)
+def test_llama_cpp_runs_mvlm_gpt2_as_transformers_does(llama_cpp, trained_gpt2, small_corpus, tmp_path):
+    check_llama_cpp_reproduces_transformers(trained_gpt2, small_corpus, tmp_path, llama_cpp)
 
 
 @pytest.mark.e2e
-def test_llama_cpp_runs_simone_as_transformers_does(e2e_simone, small_corpus, tmp_path, llama_cpp):
-    check_llama_cpp_reproduces_transformers(e2e_simone, small_corpus, tmp_path, llama_cpp)
+def test_llama_cpp_runs_simone_as_transformers_does(llama_cpp, plain_simone, small_corpus, tmp_path):
+    check_llama_cpp_reproduces_transformers(plain_simone, small_corpus, tmp_path, llama_cpp)

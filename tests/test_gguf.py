@@ -239,6 +239,15 @@ def test_llama_export_folder_gives_the_same_gguf_tensors(simone_dir, tmp_path):
             assert field(llama_reader, key) == field(simone_reader, key), key
 
 
+def test_untied_simone_head_becomes_the_output_tensor(tokenizer_file, tmp_path):
+    from safetensors.numpy import load_file
+    model_dir = save_simone(tokenizer_file, tmp_path / "untied", tie_embeddings=False)
+    _, tensors = read_gguf(export_ok(model_dir, tmp_path / "untied.gguf"))
+    head = load_file(str(model_dir / "model.safetensors"))["model.lm_head.weight"]
+    assert np.array_equal(tensors["output.weight"].data, head)
+    assert not np.array_equal(tensors["token_embd.weight"].data, head)
+
+
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_dtype_stores_2d_weights_and_keeps_norms_f32(simone_dir, tmp_path, dtype):
     from safetensors.numpy import load_file

@@ -8,7 +8,8 @@ Folders understood (by config.json's model_type):
   simone  SIM-ONE with every governance mechanism off -> "llama"
   llama   a LlamaForCausalLM folder (export_llama.py) -> "llama"
 A SIM-ONE model with a governance mechanism on (policy gate, memory tokens) has no llama.cpp
-equivalent and is refused. The tokenizer (byte-level BPE, GPT-2 pre-tokenization) goes in as
+equivalent and is refused; SIM-ONE configs are read with this repository's simone_transformer
+(installed by setup_environment.sh, or pip install -e .). The tokenizer (byte-level BPE, GPT-2 pre-tokenization) goes in as
 llama.cpp's "gpt2" BPE with the "gpt-2" pre-tokenizer, so llama.cpp tokenizes as transformers does.
 
 --dtype: f32 keeps every weight in float32; f16 stores 2-D weights in float16; q8_0 stores 2-D
@@ -110,19 +111,34 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- governance
 
 
-def governance_features(config: dict) -> list[str]:
-    """SIM-ONE mechanisms switched on in config.json that a Llama graph cannot express.
+SIMONE_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
 
-    A missing switch counts as SIM-ONE's default (policy gate on, 8 memory tokens), so an
-    old or hand-written config is never taken for a plain Llama. New switches go here.
-    """
-    features = []
-    if config_value(config, "policy_gate", bool, True):
-        features.append("policy_gate (per-head sigmoid gate on attention outputs)")
-    memory = config_value(config, "memory_tokens", int, 8, minimum=0)
-    if memory > 0:
-        features.append(f"memory_tokens={memory} (learned memory prefix)")
-    return features
+
+def simone_config(config: dict):
+    """config.json as a SimOneConfig (checked by its own rules). A switch missing from the file
+    takes SimOneConfig's default (governance on), so an old or hand-written config is never
+    taken for a plain Llama; the shape must be there."""
+    try:
+        from simone_transformer import SimOneConfig
+    except ImportError:
+        raise ExportError("SIM-ONE folders need this repository's packages; run pip install -e . "
+                          "in the repository root") from None
+    missing = [key for key in SIMONE_SHAPE_KEYS if key not in config]
+    if missing:
+        raise ExportError(f"config.json lacks {', '.join(map(repr, missing))}")
+    known = SimOneConfig.__dataclass_fields__
+    try:
+        return SimOneConfig.from_dict({key: value for key, value in config.items() if key in known})
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"config.json: {err}") from None
+
+
+def governance_features(simone) -> list[str]:
+    """SIM-ONE mechanisms switched on that a Llama graph cannot express. The list has one home,
+    simone_transformer.llama_export (export_llama.py refuses by it too): new switches go there."""
+    from simone_transformer.llama_export import llama_incompatible_features
+
+    return llama_incompatible_features(simone)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -147,21 +163,17 @@ def gpt2_hparams(config: dict) -> Hparams:
 
 
 def simone_hparams(config: dict) -> Hparams:
-    """SIM-ONE config.json (governance off) -> Hparams."""
-    features = governance_features(config)
+    """SIM-ONE config.json (every governance mechanism off) -> Hparams."""
+    simone = simone_config(config)
+    features = governance_features(simone)
     if features:
         raise ExportError(f"cannot export to GGUF: SIM-ONE governance on, which llama.cpp's llama "
-                          f"architecture cannot express: {'; '.join(features)}")
-    n_embd = config_value(config, "d_model", int)
-    n_head = config_value(config, "n_heads", int)
-    n_head_kv = config.get("n_kv_heads")
+                          f"architecture cannot express: {', '.join(features)}")
     return Hparams(
-        n_layer=config_value(config, "n_layers", int), n_embd=n_embd, n_head=n_head,
-        n_head_kv=config_value(config, "n_kv_heads", int) if n_head_kv is not None else n_head,
-        n_ff=config_value(config, "ffn_hidden_dim", int), n_ctx=config_value(config, "max_seq_len", int),
-        vocab_size=config_value(config, "vocab_size", int), norm_eps=config_value(config, "norm_eps", float),
-        tied=config_value(config, "tie_embeddings", bool, True), head_dim=n_embd // n_head,
-        rope_theta=config_value(config, "rope_theta", float, 10000.0))
+        n_layer=simone.n_layers, n_embd=simone.d_model, n_head=simone.n_heads, n_head_kv=simone.n_kv_heads,
+        n_ff=simone.ffn_hidden_dim, n_ctx=simone.max_seq_len, vocab_size=simone.vocab_size,
+        norm_eps=simone.norm_eps, tied=simone.tie_embeddings, head_dim=simone.head_dim,
+        rope_theta=simone.rope_theta)
 
 
 def llama_rope_theta(config: dict) -> float:

@@ -286,6 +286,18 @@ def test_governance_on_is_refused_in_one_line(tokenizer_file, tmp_path, capsys, 
     assert list(out_dir.iterdir()) == []
 
 
+def test_switch_missing_from_config_counts_as_on(tokenizer_file, tmp_path, capsys):
+    """SIM-ONE's defaults have governance on: a config.json without the switches is no Llama."""
+    model_dir = save_simone(tokenizer_file, tmp_path / "old")
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["policy_gate"], config["memory_tokens"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    proc = export(capsys, model_dir, tmp_path / "old.gguf")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "policy_gate", "memory_tokens=8")
+    assert not (tmp_path / "old.gguf").exists()
+
+
 def edit_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 

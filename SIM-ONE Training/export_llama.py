@@ -53,6 +53,14 @@ def load_llama(model_dir: Path):
         raise UserError(f"--model_dir {model_dir}: {first_line}") from None
 
 
+def keep_rope_theta_for_transformers4(config_path: Path) -> None:
+    """transformers 5 saves rope_theta only inside rope_parameters; 4.x reads the top-level key
+    and silently falls back to 10000 without it. transformers 5 ignores the extra key."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def export(model_dir: Path, output_dir: Path) -> None:
     """Write the Llama directory; raises UserError for anything the user must fix."""
     check_paths(model_dir, output_dir)  # before the slow imports: bad paths fail fast
@@ -64,6 +72,7 @@ def export(model_dir: Path, output_dir: Path) -> None:
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a model folder is for sharing
         llama.save_pretrained(staging)
+        keep_rope_theta_for_transformers4(staging / "config.json")
         if (model_dir / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
         for name in TOKENIZER_FILES:

@@ -23,10 +23,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+try:  # the transformers 5 name; 4.x has only PretrainedConfig
+    from transformers import PreTrainedConfig
+except ImportError:
+    from transformers import PretrainedConfig as PreTrainedConfig
+
 from .enhanced_model import SimOneConfig, SimOneModel
+
+# transformers 4.x copies into its module cache only the files this module imports itself:
+# name every sibling here so that enhanced_model's own imports resolve there.
+from .modern_layers import RMSNorm  # noqa: F401,E402
+from .rope_attention import KVCache  # noqa: F401,E402
 
 WEIGHTS_NAME = "model.safetensors"
 CODE_FILES = ("hf_model.py", "enhanced_model.py", "rope_attention.py", "modern_layers.py")

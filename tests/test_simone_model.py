@@ -478,6 +478,8 @@ RECIPE_SWITCHES = {
     "value_embeddings": dict(value_embeddings=True),
     "relu2": dict(mlp="relu2", ffn_hidden_dim=96),
     "untied_zero_init": dict(tie_embeddings=False, zero_init_head=True, zero_init_proj=True),
+    "x0_mix": dict(x0_mix=True),
+    "unet_skips": dict(unet_skips=True, n_layers=3),
 }
 
 
@@ -499,10 +501,10 @@ def test_llama_incompatible_features_names_every_switched_on_piece():
     # Init-only switches and an untied head are still a Llama checkpoint.
     assert llama_incompatible_features(tiny_config(**GOVERNANCE_OFF, **RECIPE_SWITCHES["untied_zero_init"])) == []
     everything = tiny_config(policy_gate=True, memory_tokens=4, qk_norm=True, logit_softcap=15.0,
-                             value_embeddings=True, mlp="relu2")
+                             value_embeddings=True, mlp="relu2", x0_mix=True, unet_skips=True)
     assert llama_incompatible_features(everything) == [
         "policy_gate=True", "memory_tokens=4", "qk_norm=True", "logit_softcap=15.0", "value_embeddings=True",
-        "mlp=relu2"]
+        "mlp=relu2", "x0_mix=True", "unet_skips=True"]
     assert llama_incompatible_features(tiny_config(**GOVERNANCE_OFF, value_residual=True)) == ["value_residual=True"]
 
 
@@ -610,10 +612,35 @@ def test_relu2_mlp_computes_relu_squared_with_two_matrices():
     assert tiny_config(mlp="relu2", ffn_hidden_dim=None).ffn_hidden_dim == 4 * 64
 
 
+@pytest.mark.parametrize("n_layers", [1, 4, 5])
+def test_x0_mix_and_unet_skips_start_or_reduce_to_the_plain_model(n_layers):
+    plain = make_model(n_layers=n_layers)
+    x = tokens(length=10)
+    with torch.no_grad():
+        expected = plain(x).logits
+        # x0 mixing starts at (a, b) = (1, 0): exactly the plain residual stream.
+        torch.manual_seed(0)
+        mixed = SimOneModel(tiny_config(n_layers=n_layers, x0_mix=True)).eval()
+        assert all(torch.equal(layer.x0_lambdas, torch.tensor([1.0, 0.0])) for layer in mixed.layers)
+        missing, _ = mixed.load_state_dict(plain.state_dict(), strict=False)
+        assert missing == [f"layers.{i}.x0_lambdas" for i in range(n_layers)]
+        torch.testing.assert_close(mixed(x).logits, expected, atol=1e-5, rtol=1e-5)
+        mixed.layers[-1].x0_lambdas[1] = 0.5
+        assert not torch.allclose(mixed(x).logits, expected, atol=1e-3)
+        # U-net skips: one weight per mirrored pair; at weight 0 the plain model.
+        unet = SimOneModel(tiny_config(n_layers=n_layers, unet_skips=True)).eval()
+        unet.load_state_dict(plain.state_dict(), strict=False)
+        assert unet.skip_weights.shape == (n_layers // 2,) and bool((unet.skip_weights == 1).all())
+        if n_layers > 1:
+            assert not torch.allclose(unet(x).logits, expected, atol=1e-3)
+        unet.skip_weights.zero_()
+        torch.testing.assert_close(unet(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 ALL_RECIPE_FIELDS = [
     dict(qk_norm=True, logit_softcap=5.0, value_embeddings=True, mlp="relu2", ffn_hidden_dim=96,
          tie_embeddings=False, zero_init_head=True, zero_init_proj=True),
-    dict(value_residual=True, qk_norm=True),
+    dict(value_residual=True, qk_norm=True, x0_mix=True, unet_skips=True),
 ]
 
 

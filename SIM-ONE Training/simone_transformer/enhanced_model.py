@@ -13,8 +13,8 @@ governance mechanisms, each a config switch:
                               mass on memory, and a logit-lens top-k per layer.
 
 Training-recipe switches (QK-norm, zero-init projections, logit soft-cap, value residual or
-value embeddings, ReLU^2 MLP; see SimOneConfig) come from modded-nanogpt; all are off by
-default. With everything `llama_incompatible_features` lists off, the model is numerically
+value embeddings, ReLU^2 MLP, x0 mixing, U-net skips; see SimOneConfig) come from
+modded-nanogpt; all are off by default. With everything `llama_incompatible_features` lists off, the model is numerically
 a Llama model (same parameter names, see export_llama.py). Reads top to bottom: config, block, model,
 generation, trace helpers. Imports only torch and sibling files (trust_remote_code).
 """
@@ -63,6 +63,8 @@ class SimOneConfig:
     value_residual: bool = False  # layers after the first mix layer 0's values into theirs
     value_embeddings: bool = False  # each layer mixes a learned per-token vector into its values
     mlp: str = "swiglu"  # "swiglu" (Llama) | "relu2": down(relu(up(x))^2)
+    x0_mix: bool = False  # each block starts from a * x + b * x0 (x0: embedded input), learned (a, b) = (1, 0)
+    unet_skips: bool = False  # layer L-1-i adds w_i * (output of layer i), i < L // 2, learned w_i = 1
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -136,7 +138,8 @@ def llama_incompatible_features(config: SimOneConfig) -> list[str]:
     (empty: the model exports to LlamaForCausalLM as it is). The single list an exporter
     consults. Init-only switches (zero_init_*) and an untied head are Llama-compatible."""
     defaults = {"policy_gate": False, "memory_tokens": 0, "qk_norm": False, "logit_softcap": 0.0,
-                "value_residual": False, "value_embeddings": False, "mlp": "swiglu"}
+                "value_residual": False, "value_embeddings": False, "mlp": "swiglu", "x0_mix": False,
+                "unet_skips": False}
     return [f"{name}={getattr(config, name)}" for name, off in defaults.items() if getattr(config, name) != off]
 
 
@@ -175,9 +178,13 @@ class Block(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLPS[config.mlp](config.d_model, config.ffn_hidden_dim)
+        # (a, b) of a * x + b * x0: starts as the plain residual stream (a=1, b=0).
+        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
-    def forward(self, x, cos, sin, cache=None, n_memory=0, record=None, value_extra=None):
-        """-> (x, this layer's values before mixing (B, KV, S, hd))."""
+    def forward(self, x, cos, sin, cache=None, n_memory=0, record=None, value_extra=None, x0=None):
+        """-> (x, this layer's values before mixing (B, KV, S, hd)). x0: the embedded input (x0_mix)."""
+        if self.x0_lambdas is not None:
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
         h, values = self.self_attn(self.input_layernorm(x), cos, sin, cache, n_memory, record, value_extra)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), values
@@ -226,6 +233,8 @@ class SimOneModel(nn.Module):
             if config.value_embeddings else None
         )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # U-net: one weight per (layer i, layer L-1-i) pair, i < L // 2.
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layers // 2)) if config.unet_skips else None
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         # Tied: logits reuse the embedding matrix directly (no shared Parameter to untangle
         # in safetensors or in HF's tying logic).
@@ -256,14 +265,19 @@ class SimOneModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, CausalSelfAttention) and module.value_lambda is not None:
             nn.init.constant_(module.value_lambda, 0.5)
+        elif isinstance(module, Block) and module.x0_lambdas is not None:
+            module.x0_lambdas.data.copy_(torch.tensor([1.0, 0.0]))
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
             module.reset_tables()
-        elif isinstance(module, SimOneModel) and module.memory_embeddings is not None:
-            nn.init.normal_(module.memory_embeddings, mean=0.0, std=std)
+        elif isinstance(module, SimOneModel):
+            if module.memory_embeddings is not None:
+                nn.init.normal_(module.memory_embeddings, mean=0.0, std=std)
+            if module.skip_weights is not None:
+                nn.init.ones_(module.skip_weights)
 
     # ------------------------------------------------------------------ accounting
 
@@ -329,13 +343,7 @@ class SimOneModel(nn.Module):
 
         records = [{} for _ in self.layers] if trace else None
         lens = [] if trace else None
-        first_values = None
-        for i, layer in enumerate(self.layers):
-            extra = self._value_extra(i, input_ids, first_values, prepend)
-            x, values = layer(x, cos, sin, cache, n_mem, records[i] if trace else None, extra)
-            first_values = values if i == 0 else first_values
-            if trace:
-                lens.append(self._logit_lens(x[:, prepend:], trace_top_k or self.config.trace_top_k))
+        x = self._run_layers(x, input_ids, cos, sin, cache, prepend, records, lens, trace_top_k)
         if cache is not None:
             cache.advance(x.shape[1])
 
@@ -343,6 +351,25 @@ class SimOneModel(nn.Module):
         logits = self.logits(hidden)
         trace_out = self._collect_trace(records, lens, prepend) if trace else None
         return SimOneOutput(logits=logits, hidden_states=hidden, cache=cache, trace=trace_out)
+
+    def _run_layers(self, x, input_ids, cos, sin, cache, prepend, records, lens, trace_top_k):
+        """The blocks in order, with the value residual / value embeddings, x0 mixing and
+        U-net skips when switched on. x (B, N + T, D) -> (B, N + T, D)."""
+        x0, first_values, skips = x, None, []
+        L = len(self.layers)
+        n_skip = L // 2 if self.skip_weights is not None else 0
+        for i, layer in enumerate(self.layers):
+            if i >= L - n_skip:  # second half: the mirror layer's output comes back (U-net)
+                x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
+            extra = self._value_extra(i, input_ids, first_values, prepend)
+            record = records[i] if records is not None else None
+            x, values = layer(x, cos, sin, cache, self.config.memory_tokens, record, extra, x0)
+            first_values = values if i == 0 else first_values
+            if i < n_skip:
+                skips.append(x)
+            if lens is not None:
+                lens.append(self._logit_lens(x[:, prepend:], trace_top_k or self.config.trace_top_k))
+        return x
 
     def _value_extra(self, i: int, input_ids: torch.Tensor, first_values, prepend: int):
         """What layer i mixes into its values: (B, KV, N + T, hd) or None."""

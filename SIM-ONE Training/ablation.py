@@ -62,7 +62,10 @@ def switch_offs(cfg) -> dict[str, list[str]]:
     """One row per piece the default recipe has on: the flags that switch it off."""
     m, rows = cfg.model, {}
     if cfg.optimizer == "muon":
-        rows["- Muon (AdamW everywhere, lr 3e-3)"] = ["--optimizer", "adamw", "--learning_rate", "3e-3"]
+        # The whole optimizer recipe goes: AdamW as GPT-2 trains (one lr, beta1 0.9, decay 0.1).
+        rows["- Muon (AdamW everywhere: lr 3e-3, beta1 0.9, decay 0.1)"] = [
+            "--optimizer", "adamw", "--learning_rate", "3e-3", "--head_lr", "3e-3", "--scalar_lr", "3e-3",
+            "--beta1", "0.9", "--weight_decay", "0.1"]
     if cfg.schedule == "wsd":
         rows["- WSD schedule (cosine)"] = ["--schedule", "cosine"]
     if not m.tie_embeddings:
@@ -155,6 +158,7 @@ def main(argv=None) -> None:
     cut = argv.index("--") if "--" in argv else len(argv)
     settings, extra = parse_run_config(AblationSettings, argv[:cut], PROG, __doc__), argv[cut + 1:]
     default = resolve_settings(PrioritaryConfig, {"preset": settings.preset}, {})
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
         rows = list(pool.map(lambda item: run_variant(settings, *item, extra),
                              variants(default, settings.noise_seeds).items()))

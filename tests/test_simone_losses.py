@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import REPO
 from mvlm_engine.parallel_verses import mean_pool
 from prioritary_mvlm.advanced_losses import (CompositeObjective, alignment_loss, combine_losses, multi_token_loss,
                                              next_token_loss, z_loss)
@@ -117,3 +118,29 @@ def test_zero_weight_builds_nothing():
     assert objective.multi_token_head is None
     _, logged = objective(tiny_batch())
     assert set(logged) == {"loss/accuracy", "weight/accuracy"}
+
+
+def test_each_ablation_row_switches_off_exactly_its_piece():
+    """Every row of ablation.py parses as enhanced_train.py flags and changes the default recipe."""
+    import dataclasses
+    import importlib.util
+    import sys
+
+    from mvlm_engine.cli import parse_run_config, resolve_settings
+    from prioritary_mvlm.config import PrioritaryConfig
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "SIM-ONE Training" / "ablation.py")
+    ablation = sys.modules["ablation"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+
+    default = resolve_settings(PrioritaryConfig, {"preset": "tiny"}, {})
+    rows = ablation.switch_offs(default)
+    expected = {"Muon", "untied head", "zero-init projections", "QK-norm", "U-net skips", "policy gate",
+                "memory tokens"}
+    assert {label[2:].split(" (")[0] for label in rows} == expected
+    for label, flags in rows.items():
+        cfg = parse_run_config(PrioritaryConfig, ["--preset", "tiny", *flags], "enhanced_train.py", "")
+        changed = {k for k, v in dataclasses.asdict(cfg.model).items() if getattr(default.model, k) != v}
+        changed |= {f.name for f in dataclasses.fields(cfg) if f.name != "model"
+                    and getattr(cfg, f.name) != getattr(default, f.name)}
+        assert changed, label
+        assert ablation.switch_offs(cfg).keys() < rows.keys(), label  # the piece is off, the rest still on

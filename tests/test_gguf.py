@@ -393,11 +393,10 @@ def llama_cpp():
 
 @pytest.fixture(scope="session")
 def plain_simone(small_corpus, tmp_path_factory):
-    """A tiny trained SIM-ONE with governance, QK-norm and U-net skips off (a Llama model)."""
+    """A tiny trained SIM-ONE with governance off (a Llama model: the default head is untied, zero-init)."""
     out = tmp_path_factory.mktemp("plain_simone") / "run"
     run_ok(*tiny_args(SIMONE_TRAINER, small_corpus, out, "--batch_size", 8, "--max_steps", 150,
-                      "--eval_interval", 150, "--no_policy_gate", "--memory_tokens", 0, "--no_qk_norm",
-                      "--no_unet_skips", seed=3), timeout=TRAIN_TIMEOUT)
+                      "--eval_interval", 150, "--no_policy_gate", "--memory_tokens", 0, seed=3), timeout=TRAIN_TIMEOUT)
     return out
 
 

@@ -25,7 +25,7 @@ def test_everything_on_trains_and_logs_every_term(trained_simone):
     config = json.loads((trained_simone / "train_config.json").read_text())
     assert config["model"]["policy_gate"] and config["model"]["memory_tokens"] > 0
     assert all(config[w] > 0 for w in ("coherence_weight", "alignment_weight", "z_loss_weight"))
-    assert config["optimizer"] == "muon" and config["model"]["qk_norm"] and config["model"]["unet_skips"]
+    assert config["optimizer"] == "muon" and not config["model"]["tie_embeddings"] and config["model"]["zero_init_head"]
     for record in history["train"]:
         assert all(term in record and math.isfinite(record[term]) for term in TERMS), record
     first, last = history["train"][0], history["train"][-1]

@@ -5,8 +5,8 @@ model (a SimOneConfig under `model`: shape and governance switches), the composi
 the tokenizer's quality seeds. Defaults: the small preset on one GPU, batch 12 x 4 accumulation,
 32K vocabulary, 3 epochs, and the recipe measured in RESULTS.md (speedrun and ablation): Muon
 for the hidden matrices, AdamW (beta1 0.8, no weight decay) for embeddings, head and gains, and
-SimOneConfig's architecture (untied zero-initialised head, zero-initialised output projections,
-QK-norm, U-net skips).
+SimOneConfig's architecture (an untied zero-initialised head; the other recipe pieces showed no
+gain beyond the seed spread, so they stay off).
 The auxiliary losses cost held-out quality at the sizes measured, so only the z-loss is on.
 Saved as train_config.json beside every run.
 """

@@ -42,6 +42,7 @@ def setup(argv=None) -> PrioritaryConfig:
         errors.append(f"{verses} is missing but the alignment loss needs its parallel verses; rebuild the "
                       "corpus with prepare.py or pass --alignment_weight 0")
     fail(errors)
+    cli.claim_output_dir(cfg)  # checks the folders, then holds the output dir for this process
     return cfg
 
 

@@ -145,11 +145,13 @@ def train_in_child(corpus: Corpus, vocab_size: int, required_words: tuple[str, .
                        "parent": os.getpid()})
     engine_parent = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [engine_parent, os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen([sys.executable, "-m", "mvlm_engine.tokenizer"], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)  # a terminal's Ctrl-C reaches us, and we end it
+    spec_file = staging_path(out.parent / "training_spec.json")
+    atomic_write_text(spec_file, spec)
+    child = subprocess.Popen([sys.executable, "-m", "mvlm_engine.tokenizer", str(spec_file)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)  # a terminal's Ctrl-C reaches us, and we end it
     try:
-        stderr = wait_for_child(child, spec)
+        stderr = wait_for_child(child)
         if child.returncode != 0:
             raise child_error(child.returncode, stderr)
         return load_tokenizer(out)
@@ -159,15 +161,14 @@ def train_in_child(corpus: Corpus, vocab_size: int, required_words: tuple[str, .
         raise
     finally:
         out.unlink(missing_ok=True)
+        spec_file.unlink(missing_ok=True)
 
 
-def wait_for_child(child: subprocess.Popen, spec: str) -> str:
-    given = spec
+def wait_for_child(child: subprocess.Popen) -> str:
     while True:
         try:
-            return child.communicate(given, timeout=0.2)[1]
+            return child.communicate(timeout=0.2)[1]
         except subprocess.TimeoutExpired:
-            given = None
             STOP.check("training the tokenizer", "nothing was saved; the next run trains it again")
 
 
@@ -183,8 +184,8 @@ def child_error(code: int, stderr: str) -> Exception:
 
 
 def child_main() -> None:
-    """The tokenizer-training child: a JSON spec on stdin, the tokenizer written to spec["out"]."""
-    spec = json.loads(sys.stdin.read())
+    """The tokenizer-training child: a JSON spec file in argv[1], the tokenizer written to spec["out"]."""
+    spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     files = tuple(CorpusFile(Path(p), rel, split, sha) for p, rel, split, sha in spec["files"])
     corpus = Corpus(Path(spec["root"]), files, None)
     try:

@@ -67,8 +67,8 @@ def storage_message(err: BaseException, path: Path, action: str = "writing", nee
     """One line: the cause, what was being done, the path; for a full disk, the space needed and free."""
     code = error_number(err)
     free = free_bytes(path)
-    if code is None and not isinstance(err, OSError) and free is not None and free < max(needed or 0, MB):
-        code = errno.ENOSPC  # torch reports a full disk as "unexpected pos" without an errno
+    if code is None and free is not None and free < max(needed or 0, MB):
+        code = errno.ENOSPC  # torch ("unexpected pos") and numpy ("requested and written") give no errno
     if isinstance(err, OSError) and err.filename:
         path = err.filename
     cause = CAUSES.get(code) or (err.strerror if isinstance(err, OSError) and err.strerror else None) or \

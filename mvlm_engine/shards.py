@@ -30,6 +30,7 @@ from .stopping import STOP
 from .tokenizer import eos_id, get_or_train_tokenizer, token_byte_lengths, tokenizer_hash
 
 ENCODE_BATCH_DOCS = 256
+ENCODE_BATCH_CHARS = 1 << 20  # ~1 MB of text a batch: a stop request waits a second or so at most
 SPLITS = ("train", "val")
 log = get_logger("cache")
 
@@ -65,10 +66,13 @@ def encode_split(corpus: Corpus, split: str, tokenizer: Tokenizer, path: Path, d
             batch.clear()
             STOP.check("building the token cache", "nothing was saved; the next run builds it again")
 
+        chars = 0
         for document in corpus.documents(split):
             batch.append(document)
-            if len(batch) == ENCODE_BATCH_DOCS:
+            chars += len(document)
+            if len(batch) == ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
                 flush()
+                chars = 0
         flush()
         out.flush()
         os.fsync(out.fileno())
@@ -89,8 +93,7 @@ def build_token_shards(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path) ->
         with wait_for_lock(folder.with_name(f"{folder.name}.lock"), "token cache build"):
             shards = load_shards(folder, expected, warn=False)  # built by another process meanwhile?
             if shards is None:
-                remove_dead_staging(folder.parent)
-                _tokenize_into(folder, corpus, tokenizer, tok_hash)
+                rebuild(folder, corpus, tokenizer, tok_hash)
                 shards = load_shards(folder, expected, warn=True)
         if shards is None:
             raise StorageError(f"the token cache {folder} was written but does not read back; delete it "
@@ -99,6 +102,19 @@ def build_token_shards(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path) ->
         raise UserError(f"the corpus in {corpus.root} has no held-out text; build it with held-out books "
                         "(prepare.py keeps them by default) or add more text")
     return shards
+
+
+def rebuild(folder: Path, corpus: Corpus, tokenizer: Tokenizer, tok_hash: str) -> None:
+    """Build the cache into `folder`; when a damaged one is there and cannot be replaced, say how to clear it."""
+    damaged = folder.exists()
+    try:
+        remove_dead_staging(folder.parent)
+        _tokenize_into(folder, corpus, tokenizer, tok_hash)
+    except StorageError as err:
+        if not damaged:
+            raise
+        raise StorageError(f"{err}; the damaged token cache {folder} could not be rebuilt: delete it "
+                           f"(rm -r '{folder}') or pass another --cache_dir") from None
 
 
 def load_shards(folder: Path, expected: dict, warn: bool) -> TokenShards | None:

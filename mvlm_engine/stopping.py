@@ -76,12 +76,14 @@ class StopRequest:
             yield self
         finally:
             self.depth -= 1
+            if self.depth == 0:
+                self.signum = 0  # handled (the exception on its way out carries the exit status)
             if installed:
                 self.uninstall()
 
     def check(self, doing: str, saved: str = "nothing was saved, none was needed") -> None:
         """Stop here if a signal arrived: one line saying what was stopped and what was saved."""
-        if self.signum:
+        if self.signum and self.depth:
             raise TrainingInterrupted(f"stopped by {self.name} while {doing}; {saved}", self.exit_code)
 
 

@@ -63,7 +63,8 @@ def state_bytes(module: torch.nn.Module, optimizer) -> int:
     """About how many bytes a checkpoint of `module` and `optimizer` takes on disk."""
     tensors = list(module.state_dict().values())
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+    unique = {(t.device, t.data_ptr()): t for t in tensors}.values()  # tied weights are saved once
+    return sum(t.numel() * t.element_size() for t in unique) + (1 << 20)
 
 
 def non_finite_values(module: torch.nn.Module) -> int:

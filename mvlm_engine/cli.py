@@ -203,11 +203,18 @@ def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
         line, status = error_line(err)
         if line is None:
             raise
+        close_progress_bars()  # so that a bar's last redraw cannot land on the error line
         print(f"{prog}: {line}", file=sys.stderr)
     finally:
         if installed:
             STOP.uninstall()
     sys.exit(status or 0)
+
+
+def close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
 
 
 def error_line(err: BaseException) -> tuple[str | None, int]:

@@ -25,12 +25,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import (BEST, last_good_checkpoint, load_checkpoint, prune_checkpoints, recover_interrupted_swaps,
-                         refuse_non_finite, resolve_resume, save_checkpoint, set_aside_later_checkpoints)
+                         refuse_non_finite, resolve_resume, save_checkpoint, set_aside_later_checkpoints, state_bytes)
 from .config import TrainConfig, config_dict, save_config_json
 from .data import BatchSource, to_device
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
 from .evaluation import EvaluationStopped, evaluate
-from .fileio import atomic_write_text, remove_dead_staging
+from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, storage_errors
 from .guard import StepGuard
 from .logs import get_logger
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
@@ -417,7 +417,9 @@ def finish(run: Run) -> dict:
         if not math.isfinite(summary["final_val_loss"]):
             raise TrainingDiverged(f"the final held-out loss is {summary['final_val_loss']}, so the model was not "
                                    f"exported; {last_good_checkpoint(run.ckpt_root)}")
-        run.task.export(run.out)
+        ensure_free_space(run.out, state_bytes(run.task.objective, run.optimizer) // 3, "the final model")
+        with storage_errors(run.out, "exporting the model into"):
+            run.task.export(run.out)
         try:
             plot_history(run.history.data, run.out / "loss_curve.png", run.task.name)
         except Exception as err:  # noqa: BLE001  (a plot must never cost a finished run its summary)

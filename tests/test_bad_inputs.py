@@ -448,3 +448,19 @@ def test_each_real_entry_point_answers_in_one_line(cli, argv, needle, tmp_path):
         proc = run_script(SCRIPTS[cli], *argv, cwd=tmp_path)
     assert_one_line_error(proc, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", "{\"model_type\": \"gpt2\"", "\xff"])
+def test_validation_of_a_model_with_a_garbled_config_is_a_failed_check_in_one_line(damage, ws, mains, tmp_path, capsys):
+    """Even when the manifest was rewritten to match it, a garbled config.json fails the loading check."""
+    from mvlm_engine.packaging import write_model_manifest
+    shutil.copytree(ws.models["gpt2"], tmp_path / "models" / "mvlm_gpt2")
+    (tmp_path / "models" / "mvlm_gpt2" / "config.json").write_text(damage, encoding="latin-1")
+    write_model_manifest(tmp_path / "models" / "mvlm_gpt2")
+    validate = mains.setdefault("validate_models.py", load_script("validate_models.py"))
+    with pytest.raises(SystemExit) as exit_status:
+        run_cli("validate_models.py", validate.main, ["--models_dir", str(tmp_path / "models"), "--data_dir",
+                                                      str(ws.corpus), "--no_archives"])
+    stderr = capsys.readouterr().err
+    assert exit_status.value.code == 1 and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "FAILED loading (mvlm_gpt2): " in stderr and "cannot be loaded" in stderr

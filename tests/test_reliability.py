@@ -585,3 +585,51 @@ def test_validation_refuses_a_folder_whose_training_runs(small_corpus, tmp_path)
     finally:
         child.kill()
         child.wait()
+
+
+def test_packaging_and_the_llama_export_on_a_full_disk_are_one_line_and_leave_nothing(small_disk, tmp_path,
+                                                                                       monkeypatch):
+    from mvlm_engine.packaging import package_model, write_model_manifest
+    from simone_transformer import SimOneConfig, SimOneModel
+    from simone_transformer.hf_model import save_pretrained_dir
+    from test_bad_inputs import load_script
+    model_dir = tmp_path / "plain"
+    config = SimOneConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, policy_gate=False,
+                          memory_tokens=0)
+    save_pretrained_dir(SimOneModel(config), model_dir)
+    (model_dir / "padding.bin").write_bytes(os.urandom(5_000_000))  # does not compress: more than the disk holds
+    write_model_manifest(model_dir)
+    with pytest.raises(StorageError, match="no space left on device for the archive plain.tar.gz"):
+        package_model(model_dir, small_disk / "downloads" / "plain.tar.gz")
+    monkeypatch.setattr("mvlm_engine.packaging.ensure_free_space", lambda *a, **k: None)
+    (small_disk / "filler").write_bytes(b"\0" * (small_disk_free(small_disk) - 200_000))
+    with pytest.raises(StorageError, match="no space left on device writing .*plain.tar.gz"):
+        package_model(model_dir, small_disk / "downloads" / "plain.tar.gz")
+    assert list((small_disk / "downloads").iterdir()) == []
+    (model_dir / "padding.bin").unlink()
+    export = load_script("export_llama.py")
+    monkeypatch.setattr(export, "ensure_free_space", lambda *a, **k: None)
+    (small_disk / "filler").unlink()
+    (small_disk / "filler").write_bytes(b"\0" * (small_disk_free(small_disk) - 50_000))
+    with pytest.raises(StorageError, match="no space left on device writing the export"):
+        export.export(model_dir, small_disk / "llama")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["downloads", "filler"]
+
+
+def test_the_orchestrator_never_replaces_a_finished_model_it_cannot_place(tmp_path):
+    from train_all_models import training_state
+    out = tmp_path / "mvlm_gpt2"
+    out.mkdir()
+    assert training_state(out, "tiny") == "fresh"
+    (out / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(UserError, match="holds a model but no run_summary.json or checkpoints"):
+        training_state(out, "tiny")
+    (out / "run_summary.json").write_text("{}")
+    (out / "train_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="holds a finished 'None' run, not 'tiny'; pass --retrain"):
+        training_state(out, "tiny")
+    (out / "train_config.json").write_text('{"preset": "tiny"}')
+    assert training_state(out, "tiny") == "done"
+    (out / "run_summary.json").unlink()
+    save(out / "checkpoints" / "step_000010", *tiny_training_state())
+    assert training_state(out, "tiny") == "resume"

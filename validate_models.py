@@ -113,7 +113,8 @@ class LoadedModel:
 
         self.config = json.loads((folder / "config.json").read_text())
         self.remote = "auto_map" in self.config
-        self.hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.remote, dtype=torch.float32)
+        self.hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.remote, dtype=torch.float32,
+                                                       use_safetensors=True)  # never a pickled .bin
         self.hf.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=self.remote)
         self.device = device

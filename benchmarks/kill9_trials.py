@@ -115,11 +115,22 @@ def same_weights(path_a: Path, path_b: Path) -> bool:
 
 def run_trials(trainer: str, data_dir: Path, work: Path, trials: int, seed: int) -> list[dict]:
     """The uninterrupted reference run, then `trials` kill-and-resume trials (even ones aimed at writes)."""
-    started = time.monotonic()
-    subprocess.run(command(trainer, data_dir, work / "reference"), cwd=REPO, check=True, capture_output=True)
-    span = max(1.0, (time.monotonic() - started) - 4.0)  # training time, about: the run less its start-up
+    span = reference_run(trainer, data_dir, work / "reference", STEPS)
     return [trial(trainer, data_dir, work, seed + i, i % 2 == 0, span, work / "reference" / "model.safetensors")
             for i in range(trials)]
+
+
+def reference_run(trainer: str, data_dir: Path, out: Path, steps: int) -> float:
+    """Run uninterrupted; return how long it trained (from its first logged step to the end of its
+    steps, less the final export), the span in which the random kills fall."""
+    proc = subprocess.Popen(command(trainer, data_dir, out, steps=steps), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (out / "training_history.json").exists():
+        time.sleep(0.01)
+    started = time.monotonic()
+    if proc.wait() != 0:
+        raise RuntimeError(f"the reference run failed (exit {proc.returncode})")
+    return max(0.5, 0.8 * (time.monotonic() - started))
 
 
 def small_corpus(work: Path) -> Path:

@@ -23,15 +23,13 @@ spec.loader.exec_module(kill9)
 def reference(small_corpus, tmp_path_factory):
     """An uninterrupted run: the weights every interrupted and resumed run must end with."""
     work = tmp_path_factory.mktemp("kill9")
-    started = time.monotonic()
-    subprocess.run(kill9.command("gpt2", small_corpus, work / "reference", steps=STEPS), cwd=REPO, check=True,
-                   capture_output=True)
-    return work, work / "reference" / "model.safetensors", time.monotonic() - started
+    span = kill9.reference_run("gpt2", small_corpus, work / "reference", STEPS)
+    return work, work / "reference" / "model.safetensors", span
 
 
 def test_kill9_inside_a_checkpoint_write_and_at_a_random_moment_then_resume_is_bit_identical(small_corpus, reference):
-    work, weights, seconds = reference
-    results = [kill9.trial("gpt2", small_corpus, work, seed, inside, max(1.0, seconds - 4.0), weights, steps=STEPS)
+    work, weights, span = reference
+    results = [kill9.trial("gpt2", small_corpus, work, seed, inside, span, weights, steps=STEPS)
                for seed, inside in ((0, True), (1, False))]
     assert all(r["identical"] for r in results), results
     assert results[0]["landed_in_write"], results  # aimed at a write, killed inside it

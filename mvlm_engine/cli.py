@@ -177,15 +177,16 @@ def data_dir_problems(cfg: TrainConfig) -> list[str]:
 HELD: dict[Path, FileLock] = {}  # the output dirs this process holds, for its whole life
 
 
-def claim_output_dir(cfg: TrainConfig) -> None:
-    """Check the corpus and output folders, then take the output dir's lock (rank 0; one writer
-    per folder) and check it again under the lock: another run may have finished meanwhile."""
+def claim_output_dir(cfg: TrainConfig, problems: list[str] = ()) -> None:
+    """Check the corpus and output folders (reporting them with a trainer's own `problems`), then
+    take the output dir's lock (rank 0; one writer per folder) and check it again under the lock:
+    another run may have finished meanwhile."""
     out = Path(cfg.output_dir).resolve()
     main_process = int(os.environ.get("RANK", 0)) == 0 and out not in HELD
     holder = folder_holder(out) if main_process and out.is_dir() else None
     if holder is not None:
         raise UserError(in_use_message(out, holder))  # first: the folder's state is the holder's to change
-    fail(data_dir_problems(cfg) + output_dir_problems(cfg))
+    fail(list(problems) + data_dir_problems(cfg) + output_dir_problems(cfg))
     if main_process:
         HELD[out] = lock_folder(out, f"{Path(sys.argv[0]).name} training")
         fail(output_dir_problems(cfg))

@@ -364,11 +364,11 @@ def evaluate_step(run: Run, step: int) -> bool:
 
 def finish_pending_eval(run: Run) -> None:
     """The evaluation a stop cut short, run on resume before the next step (as it would have run)."""
+    run.state["eval_pending"] = False  # as it was when the original evaluation began (best_model records it)
     if not evaluate_step(run, run.state["step"]):
         raise TrainingInterrupted(f"stopped by {STOP.name} during the evaluation of step {run.state['step']}; its "
                                   f"checkpoint is in {run.ckpt_root}; continue with --resume_from latest",
                                   STOP.exit_code)
-    run.state["eval_pending"] = False
 
 
 def run_eval(run: Run) -> dict:

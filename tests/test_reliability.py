@@ -557,18 +557,17 @@ def test_a_full_disk_in_the_orchestrators_summary_keeps_the_stage_failed_line(sm
     assert "stage 'gpt2' failed" in lines[0] and "training_summary.json not updated: no space left on device" in lines[0]
 
 
-def test_every_kind_of_second_trainer_is_refused_with_the_holders_pid(small_corpus, tmp_path):
-    import mvlm_trainer
-    from mvlm_engine.cli import claim_output_dir, parse_run_config
+@pytest.mark.parametrize("script", ["mvlm_trainer.py", "enhanced_train.py"])
+def test_every_kind_of_second_trainer_is_refused_with_the_holders_pid(script, small_corpus, tmp_path):
+    from test_bad_inputs import load_script
+    trainer = load_script(script)
     out = tmp_path / "run"
     save(out / "checkpoints" / "step_000010", *tiny_training_state())
     child = hold_lock_in_child(out, "mvlm_trainer.py training")
     try:
         for extra in ([], ["--resume_from", "latest"], ["--overwrite"]):
-            cfg = parse_run_config(mvlm_trainer.GPT2RunConfig, ["--data_dir", str(small_corpus), "--output_dir", str(out),
-                                                                 *extra], "mvlm_trainer.py", "")
             with pytest.raises(UserError, match=rf"in use by mvlm_trainer.py training \(PID {child.pid}"):
-                claim_output_dir(cfg)
+                trainer.setup(["--data_dir", str(small_corpus), "--output_dir", str(out), *extra])
     finally:
         child.kill()
         child.wait()

@@ -196,7 +196,8 @@ def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
     """Run `main(argv)` and exit with its status. Errors become one line on stderr: bad input
     exits 2, a diverged run, a storage error or running out of memory 1, a signal 128 + n;
     never a traceback for these. SIGINT/SIGTERM stop at once unless the work defers them
-    (stopping.STOP)."""
+    (stopping.STOP). After a stop, the handler stays until the process ends, so that an impatient
+    repeat can neither replace the stop's line nor print a traceback on the way out."""
     installed = STOP.install()
     try:
         status = main(argv)
@@ -207,7 +208,7 @@ def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
         close_progress_bars()  # so that a bar's last redraw cannot land on the error line
         print(f"{prog}: {line}", file=sys.stderr)
     finally:
-        if installed:
+        if installed and not STOP.stopping:
             STOP.uninstall()
     sys.exit(status or 0)
 

@@ -7,7 +7,8 @@ files of dead processes are removed at the next start. A trainer runs its work i
 safe points (between training steps, evaluation batches, encoding batches, while waiting for a
 lock or for the tokenizer-training process) and stops there, with a checkpoint when there is
 training state to save. Later signals are noted and change nothing: the checkpoint of the
-current step is still written.
+current step is still written, and once a stop is on its way out (its exception leaving the
+deferred region, or a SignalStop raised) further signals are only noted until the process ends.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class StopRequest:
     def __init__(self):
         self.signum = 0
         self.depth = 0  # nesting of deferred() regions
+        self.stopping = False  # a stop is on its way out: later signals are only noted
         self._previous: dict | None = None
 
     @property
@@ -42,9 +44,12 @@ class StopRequest:
         return signal.Signals(self.signum or signal.SIGTERM).name
 
     def _handle(self, signum, _frame):
-        if self.depth == 0:
-            self.signum = signum
+        if self.depth == 0 and not self.stopping:
+            self.signum, self.stopping = signum, True
             raise SignalStop(f"stopped by {self.name}", 128 + signum)
+        if self.stopping and not self.depth:
+            os.write(1, f"[stop] {signal.Signals(signum).name} again: already stopping\n".encode())
+            return
         if self.signum:
             os.write(1, f"[stop] {signal.Signals(signum).name} again: still stopping at the next safe point; "
                         "the checkpoint is not given up\n".encode())
@@ -53,7 +58,8 @@ class StopRequest:
         os.write(1, f"[stop] {self.name} received: stopping at the next safe point\n".encode())
 
     def install(self) -> bool:
-        """Install the handler (main thread only); False if it was already installed."""
+        """Install the handler (main thread only) for new work; False if it was already installed."""
+        self.stopping = False
         if self._previous is not None or threading.current_thread() is not threading.main_thread():
             return False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
@@ -64,6 +70,7 @@ class StopRequest:
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
             self._previous = None
+        self.stopping = False
 
     @contextlib.contextmanager
     def deferred(self):
@@ -74,6 +81,9 @@ class StopRequest:
         self.depth += 1
         try:
             yield self
+        except BaseException:
+            self.stopping = self.stopping or (self.depth == 1 and self.signum > 0)  # a stop leaving the region
+            raise
         finally:
             self.depth -= 1
             if self.depth == 0:

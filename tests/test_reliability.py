@@ -524,6 +524,31 @@ def test_a_repeated_signal_is_a_request_not_a_traceback(capfd):
     assert "still stopping at the next safe point" in capfd.readouterr().out
 
 
+def test_a_repeat_while_a_stop_is_on_its_way_out_changes_nothing(capfd):
+    from mvlm_engine.cli import run_cli
+
+    def main(argv):
+        try:
+            with STOP.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                STOP.check("testing", "the test's checkpoint was saved")
+        finally:  # past the deferred region: the stop's exception is on its way out
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli("test", main, [])
+        os.kill(os.getpid(), signal.SIGINT)  # after run_cli, on the process's way out
+        time.sleep(0.2)
+        assert signal.getsignal(signal.SIGINT) == STOP._handle  # kept until the process ends
+    finally:
+        STOP.uninstall()
+    assert exit_.value.code == 143
+    captured = capfd.readouterr()
+    assert captured.err.strip() == "test: stopped by SIGTERM while testing; the test's checkpoint was saved"
+    assert captured.out.count("SIGINT again: already stopping") == 2
+
+
 def test_outside_deferred_work_a_signal_stops_at_once():
     installed = STOP.install()
     try:

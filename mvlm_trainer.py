@@ -124,8 +124,8 @@ def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
     model = build_model(cfg.model, data.tokenizer.get_vocab_size(), cfg.block_size, eos_id(data.tokenizer))
     sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                            runtime.rank, runtime.world_size)
-    shape = cfg.model
-    flops = transformer_flops_per_token(non_embedding_params(model), shape.n_layer, shape.n_embd, cfg.block_size)
+    shape, non_embedding = cfg.model, non_embedding_params(model)
+    flops = transformer_flops_per_token(non_embedding, shape.n_layer, shape.n_embd, cfg.block_size)
     if runtime.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         attention = sdpa_backend_name(runtime, shape.n_head, shape.n_embd // shape.n_head)
@@ -136,6 +136,7 @@ def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
     task = TrainingTask(name="MVLM-GPT2", objective=CausalLMObjective(model), logits=lambda m, x: m.logits(x),
                         batches=LMBatches(sampler), flops_per_token=flops,
                         export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out), config=cfg,
+                        non_embedding_params=non_embedding,
                         description="MVLM-GPT2: a GPT-2 trained from scratch on the public-domain Bible corpus.")
     return task, data
 

@@ -1,43 +1,84 @@
 #!/usr/bin/env python3
-"""Ablation: does each governance mechanism and loss term help?
+"""Ablation: what does each piece of SIM-ONE's default recipe buy?
 
-    python3 "SIM-ONE Training/ablation.py" --preset tiny --device cpu          # CPU, ~20 min
+    python3 "SIM-ONE Training/ablation.py" --preset tiny --device cpu          # CPU
     python3 "SIM-ONE Training/ablation.py" --preset small --max_steps 2000     # one GPU
 
-Trains, for the same number of language-modelling tokens (same steps, batch and seed):
-a baseline with everything off (a plain Llama), the baseline plus each single mechanism or
-loss, everything on, and the baseline again with another seed (the run-to-run noise floor).
-Then it prints and writes a table of held-out bits per byte (the trainer's final evaluation)
-and parallel-verse retrieval@1 on held-out books. Runs already finished are reused.
+Trains, for the same language-modelling tokens (same steps, batch and data order): the
+default recipe; the default with one piece switched off at a time (the optimizer, the head,
+the init, the soft-cap, each governance mechanism, each auxiliary loss); each auxiliary loss
+at other weights; and the default again with other seeds (the run-to-run noise floor). Then
+it prints and writes a table of held-out bits per byte (the trainer's final evaluation) and
+parallel-verse retrieval@1 on held-out books. Runs already finished are reused.
 Arguments after `--` go to every enhanced_train.py run unchanged.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
+import statistics
 import sys
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Literal
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-OFF = ["--no_policy_gate", "--memory_tokens", "0", "--coherence_weight", "0", "--alignment_weight", "0",
-       "--z_loss_weight", "0"]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import reexec_in_venv, run_trainer  # noqa: E402
+
+from mvlm_engine.config import setting  # noqa: E402  (torch-free)
+
+PROG = "ablation.py"
+# Other weights tried for each auxiliary loss (the default's own weight is the "default" row).
+LOSS_WEIGHTS = {"coherence_weight": (0.03, 0.1, 0.3), "alignment_weight": (0.01, 0.03, 0.1),
+                "z_loss_weight": (1e-4,)}
 
 
-def variants(memory_tokens: int) -> dict[str, list[str]]:
-    """Run name -> enhanced_train.py flags. Later flags win, so each row re-enables one thing."""
-    return {
-        "baseline (all off)": OFF,
-        "+ policy gate": [a for a in OFF if a != "--no_policy_gate"],
-        "+ memory tokens": OFF + ["--memory_tokens", str(memory_tokens)],
-        "+ coherence (t+2)": OFF + ["--coherence_weight", "0.1"],
-        "+ alignment (InfoNCE)": OFF + ["--alignment_weight", "0.1"],
-        "+ z-loss": OFF + ["--z_loss_weight", "1e-4"],
-        "everything on": [],
-        "baseline, seed 2 (noise)": OFF + ["--seed", "2"],
-    }
+@dataclass
+class AblationSettings:
+    preset: Literal["tiny", "small", "medium"] = setting("tiny", "the SIM-ONE preset every run uses")
+    max_steps: int = setting(0, "optimizer steps per run (0: the preset's)")
+    noise_seeds: int = setting(2, "extra seeds of the default recipe (the noise floor)")
+    retrieval_pairs: int = setting(200, "held-out verse pairs for retrieval@1")
+    eval_windows: int = setting(256, "held-out windows of the final evaluation")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
+    data_dir: str = setting("mvlm_training_dataset_complete", "corpus folder", path=True)
+    output_dir: str = setting("models/ablation", "one folder per run, plus ablation.md and ablation.json", path=True)
+
+
+def switch_offs(cfg) -> dict[str, list[str]]:
+    """One row per piece the default recipe has on: the flags that switch it off."""
+    m, rows = cfg.model, {}
+    if cfg.optimizer == "muon":
+        rows["- Muon (AdamW everywhere, lr 3e-3)"] = ["--optimizer", "adamw", "--learning_rate", "3e-3"]
+    if cfg.schedule == "wsd":
+        rows["- WSD schedule (cosine)"] = ["--schedule", "cosine"]
+    if not m.tie_embeddings:
+        rows["- untied head (tied)"] = ["--tie_embeddings", "--no_zero_init_head"]
+    flags = {"zero_init_proj": "- zero-init projections", "qk_norm": "- QK-norm", "value_embeddings":
+             "- value embeddings", "value_residual": "- value residual", "x0_mix": "- x0 mixing",
+             "unet_skips": "- U-net skips", "policy_gate": "- policy gate"}
+    rows.update({label: [f"--no_{name}"] for name, label in flags.items() if getattr(m, name, False)})
+    if getattr(m, "logit_softcap", 0):
+        rows["- logit soft-cap"] = ["--logit_softcap", "0"]
+    if m.memory_tokens:
+        rows["- memory tokens"] = ["--memory_tokens", "0"]
+    if getattr(m, "mlp", "swiglu") != "swiglu":
+        rows["- ReLU^2 (SwiGLU)"] = ["--mlp", "swiglu"]
+    return rows
+
+
+def variants(cfg, noise_seeds: int) -> dict[str, list[str]]:
+    """Run name -> enhanced_train.py flags, relative to the default recipe."""
+    rows = {"default recipe": [], **switch_offs(cfg)}
+    for name, weights in LOSS_WEIGHTS.items():
+        current = getattr(cfg, name)
+        if current > 0:
+            rows[f"{name} 0 (off)"] = [f"--{name}", "0"]
+        rows.update({f"{name} {w:g}": [f"--{name}", str(w)] for w in weights if w != current})
+    rows.update({f"default, seed {cfg.seed + i}": ["--seed", str(cfg.seed + i)] for i in range(1, noise_seeds + 1)})
+    return rows
 
 
 def slug(name: str) -> str:
@@ -60,52 +101,57 @@ def held_out_retrieval(model_dir: Path, data_dir: str, pairs: int, max_tokens: i
                           max_tokens, eos_id(tokenizer))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
-    parser.add_argument("--data_dir", default=str(REPO / "mvlm_training_dataset_complete"))
-    parser.add_argument("--output_dir", default=str(REPO / "models" / "ablation"))
-    parser.add_argument("--max_steps", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--retrieval_pairs", type=int, default=200)
-    parser.add_argument("--device", default="auto")
-    args, extra = parser.parse_known_args()
-    extra = [a for a in extra if a != "--"]
-    from prioritary_mvlm.config import PrioritaryConfig
-    preset = PrioritaryConfig.PRESETS[args.preset]
-    out = Path(args.output_dir)
-    rows = []
-    for name, flags in variants(preset.get("memory_tokens", 8)).items():
-        run_dir = out / slug(name)
-        if not (run_dir / "run_summary.json").is_file():
-            command = [sys.executable, str(HERE / "enhanced_train.py"), "--preset", args.preset, "--data_dir",
-                       args.data_dir, "--output_dir", str(run_dir), "--device", args.device, "--overwrite",
-                       "--eval_windows", "256", *(["--max_steps", str(args.max_steps)] if args.max_steps else []),
-                       *flags, *extra]
-            print(f"[ablation] {name}: {' '.join(command[2:])}", flush=True)
-            proc = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"[ablation] {name} failed:\n{proc.stderr[-3000:]}")
-        summary = json.loads((run_dir / "run_summary.json").read_text())
-        config = json.loads((run_dir / "train_config.json").read_text())
-        retrieval = held_out_retrieval(run_dir, args.data_dir, args.retrieval_pairs, config["alignment_max_tokens"])
-        rows.append({"run": name, "val_bpb": summary["final_val_bpb"], "val_loss": summary["final_val_loss"],
-                     "retrieval_at_1": retrieval, "steps": summary["steps"], "tokens": summary["tokens_seen"],
-                     "flags": " ".join(flags)})
-        print(f"[ablation] {name}: held-out {summary['final_val_bpb']:.4f} bits/byte, retrieval@1 {retrieval:.3f}",
-              flush=True)
+def run_variant(settings: AblationSettings, name: str, flags: list[str], extra: list[str]) -> dict:
+    run_dir = Path(settings.output_dir) / slug(name)
+    if not (run_dir / "run_summary.json").is_file():
+        args = ["--preset", settings.preset, "--data_dir", settings.data_dir, "--output_dir", run_dir,
+                "--device", settings.device, "--overwrite", "--eval_windows", settings.eval_windows,
+                *(["--max_steps", settings.max_steps] if settings.max_steps else []), *flags, *extra]
+        print(f"[ablation] {name}: {' '.join(map(str, flags)) or '(defaults)'}", flush=True)
+        run_trainer(HERE / "enhanced_train.py", args, Path(settings.output_dir) / f"{slug(name)}.log")
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    config = json.loads((run_dir / "train_config.json").read_text())
+    retrieval = held_out_retrieval(run_dir, settings.data_dir, settings.retrieval_pairs,
+                                   config["alignment_max_tokens"])
+    print(f"[ablation] {name}: held-out {summary['final_val_bpb']:.4f} bits/byte, retrieval@1 {retrieval:.3f}",
+          flush=True)
+    return {"run": name, "val_bpb": summary["final_val_bpb"], "val_loss": summary["final_val_loss"],
+            "retrieval_at_1": retrieval, "steps": summary["steps"], "tokens": summary["tokens_seen"],
+            "flags": " ".join(map(str, flags))}
+
+
+def table(rows: list[dict], settings: AblationSettings) -> str:
     base = rows[0]["val_bpb"]
-    table = ["| run | held-out bits/byte | vs baseline | retrieval@1 (held-out) |", "| --- | ---: | ---: | ---: |"]
-    table += [f"| {r['run']} | {r['val_bpb']:.4f} | {r['val_bpb'] - base:+.4f} | {r['retrieval_at_1']:.3f} |"
+    noise = [r["val_bpb"] for r in rows if r["run"].startswith("default")]
+    spread = max(noise) - min(noise)
+    lines = [f"Ablation, preset {settings.preset}, {rows[0]['steps']} steps x "
+             f"{rows[0]['tokens'] // rows[0]['steps']:,} tokens per run ({rows[0]['tokens']:,} LM tokens), "
+             f"{date.today().isoformat()}; seed spread of the default recipe over {len(noise)} seeds: "
+             f"{spread:.4f} bits/byte (mean {statistics.mean(noise):.4f}); retrieval over "
+             f"{settings.retrieval_pairs} held-out verse pairs (chance {1 / settings.retrieval_pairs:.3f}).", "",
+             "| run | held-out bits/byte | vs default | retrieval@1 (held-out) |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['run']} | {r['val_bpb']:.4f} | {r['val_bpb'] - base:+.4f} | {r['retrieval_at_1']:.3f} |"
               for r in rows]
-    header = (f"Ablation, preset {args.preset}, {rows[0]['steps']} steps x {rows[0]['tokens'] // rows[0]['steps']:,} "
-              f"tokens per run ({rows[0]['tokens']:,} LM tokens), {date.today().isoformat()}; retrieval over "
-              f"{args.retrieval_pairs} held-out verse pairs (chance {1 / args.retrieval_pairs:.3f}).")
-    text = header + "\n\n" + "\n".join(table) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    from mvlm_engine.cli import parse_run_config, resolve_settings
+    from prioritary_mvlm.config import PrioritaryConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    settings, extra = parse_run_config(AblationSettings, argv[:cut], PROG, __doc__), argv[cut + 1:]
+    default = resolve_settings(PrioritaryConfig, {"preset": settings.preset}, {})
+    rows = [run_variant(settings, name, flags, extra) for name, flags in variants(default, settings.noise_seeds).items()]
+    text = table(rows, settings)
     print("\n" + text)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(settings.output_dir)
     (out / "ablation.md").write_text(text)
-    (out / "ablation.json").write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"preset": settings.preset, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    reexec_in_venv()
+    from mvlm_engine.cli import run_cli
+    run_cli(PROG, main, None)

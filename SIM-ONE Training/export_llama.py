@@ -75,6 +75,15 @@ def refuse_non_finite(model_dir: Path, state: dict) -> None:
         raise UserError(f"--model_dir {model_dir} holds {bad:,} NaN or infinite weights, so it was not exported; {last}")
 
 
+def keep_rope_theta_for_transformers4(config_path: Path) -> None:
+    """transformers 5 saves rope_theta only inside rope_parameters; 4.x reads the top-level key
+    and silently falls back to 10000 without it. transformers 5 ignores the extra key."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "rope_theta" in config.get("rope_parameters", {}):  # transformers 4.x writes the top-level key itself
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def export(model_dir: Path, output_dir: Path) -> None:
     """Write the Llama directory; raises UserError for anything the user must fix."""
     check_paths(model_dir, output_dir)  # before the slow imports: bad paths fail fast
@@ -91,6 +100,7 @@ def export(model_dir: Path, output_dir: Path) -> None:
         with storage_errors(staging, "writing the export", needed):
             staging.mkdir()
             llama.save_pretrained(staging)
+            keep_rope_theta_for_transformers4(staging / "config.json")
             if (model_dir / "generation_config.json").is_file():
                 GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
             for name in TOKENIZER_FILES:

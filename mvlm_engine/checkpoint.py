@@ -31,6 +31,7 @@ from safetensors.torch import load_model, save_model
 
 from .errors import TrainingDiverged, UserError
 from .fileio import ensure_free_space, fsync_dir, storage_errors
+from .optim import optimizers_of
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST = "best_model"
@@ -62,7 +63,8 @@ def restore_rng(tensors: dict, plain: dict) -> None:
 def state_bytes(module: torch.nn.Module, optimizer) -> int:
     """About how many bytes a checkpoint of `module` and `optimizer` takes on disk."""
     tensors = list(module.state_dict().values())
-    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += [t for o in optimizers_of(optimizer) for state in o.state.values() for t in state.values()
+                if torch.is_tensor(t)]
     unique = {(t.device, t.data_ptr()): t for t in tensors}.values()  # tied weights are saved once
     return sum(t.numel() * t.element_size() for t in unique) + (1 << 20)
 
@@ -296,8 +298,16 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 
 def check_optimizer_state(saved, optimizer) -> None:
-    """The saved optimizer state fits this optimizer: same groups and sizes, moments shaped
-    like their parameters (load_state_dict checks the groups only)."""
+    """The saved optimizer state fits this optimizer (each of an OptimizerSet's in turn): same
+    groups and sizes, moments shaped like their parameters (load_state_dict checks the groups only)."""
+    optimizers = optimizers_of(optimizer)
+    if len(optimizers) > 1 or (isinstance(saved, dict) and "optimizers" in saved):
+        parts = saved.get("optimizers") if isinstance(saved, dict) else None
+        if not isinstance(parts, list) or len(parts) != len(optimizers):
+            raise ValueError("optimizer.pt was saved by another --optimizer")
+        for part, one in zip(parts, optimizers):
+            check_optimizer_state(part, one)
+        return
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or \
             not isinstance(saved.get("param_groups"), list):
         raise ValueError("optimizer.pt is not an optimizer state")

@@ -66,8 +66,18 @@ class TrainConfig:
     gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step")
     num_epochs: float = setting(3.0, "passes over the training split (ignored when --max_steps is set)")
     max_steps: int = setting(0, "optimizer steps; 0 derives them from --num_epochs")
-    learning_rate: float = setting(6e-4, "peak learning rate")
-    min_lr_ratio: float = setting(0.1, "the schedule decays to learning_rate * min_lr_ratio")
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw", "adamw: AdamW everywhere; muon: torch.optim.Muon on hidden matrices, AdamW on the rest")
+    learning_rate: float = setting(6e-4, "peak AdamW learning rate (with --optimizer muon: embeddings, head, gains)")
+    head_lr: float | None = setting(None, "peak AdamW learning rate of untied output heads (default: learning_rate)")
+    scalar_lr: float | None = setting(None, "peak AdamW learning rate of gains and biases (default: learning_rate)")
+    muon_lr: float = setting(0.02, "peak Muon learning rate (--optimizer muon)")
+    muon_momentum: float = setting(0.95, "Muon momentum (Nesterov)")
+    muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay")
+    schedule: Literal["cosine", "wsd"] = setting(
+        "cosine", "after warmup: cosine decay, or wsd (warmup-stable-decay: flat, then a linear decay)")
+    decay_fraction: float = setting(0.2, "wsd: the share of the steps spent decaying at the end")
+    min_lr_ratio: float = setting(0.1, "the schedule decays to peak * min_lr_ratio")
     warmup_steps: int = setting(200, "linear warmup steps")
     weight_decay: float = setting(0.1, "AdamW weight decay on matrices and embeddings")
     beta1: float = setting(0.9, "AdamW beta1")
@@ -99,8 +109,15 @@ class TrainConfig:
                    ("max_steps", "warmup_steps", "weight_decay", "grad_clip") if getattr(self, name) < 0]
         if self.num_epochs <= 0:  # checked even when --max_steps makes it unused
             errors.append(f"--num_epochs must be > 0 (got {self.num_epochs})")
-        if not self.learning_rate > 0:
-            errors.append(f"--learning_rate must be > 0 (got {self.learning_rate})")
+        errors += [f"--{name} must be > 0 (got {getattr(self, name)})"
+                   for name in ("learning_rate", "muon_lr", "head_lr", "scalar_lr")
+                   if getattr(self, name) is not None and not getattr(self, name) > 0]
+        errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("muon_momentum",)
+                   if not 0 <= getattr(self, name) < 1]
+        if self.muon_weight_decay < 0:
+            errors.append(f"--muon_weight_decay must be >= 0 (got {self.muon_weight_decay})")
+        if not 0 < self.decay_fraction <= 1:
+            errors.append(f"--decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if not 0 <= self.min_lr_ratio <= 1:
             errors.append(f"--min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("beta1", "beta2")
@@ -117,16 +134,17 @@ MIN_VOCAB = 257
 # Upper limits: past these a run cannot work on any machine (or a number is a typo).
 TRAIN_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 16, "batch_size": 1 << 16,
                 "gradient_accumulation_steps": 1 << 16, "num_epochs": 1e6, "max_steps": 10 ** 9,
-                "learning_rate": 1.0, "warmup_steps": 10 ** 9, "weight_decay": 1.0, "grad_clip": 1e6,
+                "learning_rate": 1.0, "head_lr": 1.0, "scalar_lr": 1.0, "muon_lr": 10.0, "muon_weight_decay": 1.0,
+                "warmup_steps": 10 ** 9, "weight_decay": 1.0, "grad_clip": 1e6,
                 "log_interval": 10 ** 9, "eval_interval": 10 ** 9, "eval_windows": 10 ** 6, "save_interval": 10 ** 9,
                 "keep_checkpoints": 10 ** 4, "max_bad_steps": 10 ** 6}
 
 
 def upper_limit_problems(owner, limits: dict[str, float]) -> list[str]:
-    """'--name must be <= limit' for each attribute of `owner` above its limit."""
+    """'--name must be <= limit' for each attribute of `owner` above its limit (None: unset, fine)."""
     return [f"--{name} must be <= {limit:,} (got {getattr(owner, name)})" if isinstance(limit, int) else
             f"--{name} must be <= {limit:g} (got {getattr(owner, name)})" for name, limit in limits.items()
-            if getattr(owner, name) > limit]
+            if getattr(owner, name) is not None and getattr(owner, name) > limit]
 
 
 # --------------------------------------------------------------------------- the settings tree

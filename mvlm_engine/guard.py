@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .optim import optimizers_of
+
 
 def _grouped(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = {}
@@ -22,16 +24,17 @@ class StepGuard:
     """Copies of the trainable parameters and their optimizer state from before the last step."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+        self.states = [o.state for o in optimizers_of(optimizer)]  # per-parameter state of each real optimizer
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.live: list[torch.Tensor] = []
         self.copies: list[torch.Tensor] = []
-        self.had_state: set[int] = set()
+        self.had_state: set[tuple[int, int]] = set()
 
     def _tensors(self) -> list[torch.Tensor]:
         tensors = list(self.params)
-        for param in self.params:
-            tensors += [t for t in self.optimizer.state.get(param, {}).values() if torch.is_tensor(t)]
+        for state in self.states:
+            for param in self.params:
+                tensors += [t for t in state.get(param, {}).values() if torch.is_tensor(t)]
         return tensors
 
     @torch.no_grad()
@@ -40,7 +43,7 @@ class StepGuard:
         live = self._tensors()
         if len(live) != len(self.live) or any(a is not b for a, b in zip(live, self.live)):
             self.live, self.copies = live, [torch.empty_like(t) for t in live]
-        self.had_state = {id(p) for p in self.params if self.optimizer.state.get(p)}
+        self.had_state = {(i, id(p)) for i, state in enumerate(self.states) for p in self.params if state.get(p)}
         for indices in _grouped(live).values():
             torch._foreach_copy_([self.copies[i] for i in indices], [live[i] for i in indices])
 
@@ -49,9 +52,10 @@ class StepGuard:
         """Undo the step since save(): parameters and optimizer state as they were."""
         for indices in _grouped(self.live).values():
             torch._foreach_copy_([self.live[i] for i in indices], [self.copies[i] for i in indices])
-        for param in self.params:  # state that the undone step created (the first step's) goes
-            if id(param) not in self.had_state:
-                self.optimizer.state.pop(param, None)
+        for i, state in enumerate(self.states):  # state that the undone step created (the first step's) goes
+            for param in self.params:
+                if (i, id(param)) not in self.had_state:
+                    state.pop(param, None)
 
     @torch.no_grad()
     def weights_finite(self, device: torch.device) -> torch.Tensor:

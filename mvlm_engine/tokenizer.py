@@ -241,6 +241,12 @@ def save_hf_tokenizer(tokenizer_file: str | Path, model_max_length: int, out: Pa
     if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != EOS_TOKEN:
         raise UserError(f"{tokenizer_file} has no {EOS_TOKEN} token; retrain the tokenizer with this project")
     tokenizer.save_pretrained(out)
+    # transformers 5 writes its own backend's class name ("TokenizersBackend"), which 4.x lacks;
+    # "PreTrainedTokenizerFast" loads the same tokenizer.json in both.
+    config_path = Path(out) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=model_max_length)
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": token_id}
 
 

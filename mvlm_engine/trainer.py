@@ -34,9 +34,9 @@ from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, s
 from .guard import StepGuard
 from .logs import get_logger
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
+from .optim import build_optimizer, lr_factor, optimizers_of, set_learning_rates
 from .packaging import MODEL_MANIFEST, write_model_manifest
 from .runtime import Runtime
-from .schedule import get_lr
 from .shards import TokenData
 from .stopping import STOP
 from .stopping import StopRequest as StopSignal
@@ -56,15 +56,7 @@ class TrainingTask:
     export: Callable[[Path], None]  # writes the final model directory
     config: TrainConfig  # the resolved run config, saved as train_config.json
     description: str = ""  # one sentence for run_summary.json, DOWNLOAD.md and the model card
-
-
-def build_optimizer(module: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices and embeddings (2+ dims), fused on CUDA."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+    non_embedding_params: int = 0  # recorded in run_summary.json (the speedrun matches models on it)
 
 
 def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
@@ -230,15 +222,16 @@ def wrap_model(run: Run) -> None:
 def optimizer_step(run: Run, stop: StopSignal) -> StepResult:
     """Accumulate gradients over the micro-batches, clip, and step (or skip a non-finite step)."""
     cfg, step = run.cfg, run.state["step"]
-    lr = get_lr(step, cfg.learning_rate, cfg.warmup_steps, run.total_steps, cfg.min_lr_ratio)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    factor = lr_factor(step, cfg.warmup_steps, run.total_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
+    set_learning_rates(run.optimizer, factor)
     loss, terms = accumulate_gradients(run)
-    run.scaler.unscale_(run.optimizer)
+    for optimizer in optimizers_of(run.optimizer):
+        run.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.task.objective.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     run.guard.save()
-    run.scaler.step(run.optimizer)
+    for optimizer in optimizers_of(run.optimizer):
+        run.scaler.step(optimizer)
     skipped, stop_requested = read_step_flags(run, loss, grad_norm, stop)
     if skipped:
         run.guard.restore()  # as if the step had never run
@@ -249,7 +242,7 @@ def optimizer_step(run: Run, stop: StopSignal) -> StepResult:
     run.optimizer.zero_grad(set_to_none=True)
     run.state["step"] = step + 1
     run.progress.update(1)
-    return StepResult(step + 1, lr, loss, terms, grad_norm, bool(skipped), stop_requested)
+    return StepResult(step + 1, cfg.learning_rate * factor, loss, terms, grad_norm, bool(skipped), stop_requested)
 
 
 def accumulate_gradients(run: Run) -> tuple[torch.Tensor, dict]:
@@ -392,9 +385,9 @@ def checkpoint(run: Run, name: str) -> None:
     if run.runtime.is_main:
         cfg = run.cfg
         trainer_state = {**run.state, "data": run.task.batches.state_dict(), "tokenizer_hash": run.data.tokenizer_hash,
-                         "schedule": {"kind": "warmup-cosine", "warmup_steps": cfg.warmup_steps,
+                         "schedule": {"kind": cfg.schedule, "warmup_steps": cfg.warmup_steps,
                                       "total_steps": run.total_steps, "max_lr": cfg.learning_rate,
-                                      "min_lr_ratio": cfg.min_lr_ratio}}
+                                      "min_lr_ratio": cfg.min_lr_ratio, "decay_fraction": cfg.decay_fraction}}
         save_checkpoint(run.ckpt_root / name, run.task.objective, run.optimizer, run.scaler, trainer_state,
                         run.checkpoint_config())
         if name != BEST:
@@ -435,7 +428,7 @@ def finish(run: Run) -> dict:
 def run_summary(run: Run) -> dict:
     r = run.runtime
     return {"status": "complete", "model": run.task.name, "description": run.task.description,
-            "steps": run.total_steps,
+            "non_embedding_params": run.task.non_embedding_params, "steps": run.total_steps,
             "tokens_per_step": run.tokens_per_step, "tokens_seen": run.total_steps * run.tokens_per_step,
             "wall_seconds_this_process": time.perf_counter() - run.started,
             "final_val_loss": run.last_eval.get("val_loss"), "final_val_bpb": run.last_eval.get("val_bpb"),

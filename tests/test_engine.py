@@ -1,4 +1,5 @@
 """Shared engine pieces not covered end to end: settings, the schedule, non-finite loss handling."""
+import io
 import json
 import math
 
@@ -10,17 +11,102 @@ from mvlm_engine.config import TrainConfig, build_config
 from mvlm_engine.data import BlockSampler, LMBatches
 from mvlm_engine.errors import TrainingDiverged, UserError
 from mvlm_engine.runtime import start_runtime
-from mvlm_engine.schedule import get_lr
+from mvlm_engine.optim import lr_factor
 from mvlm_engine.shards import prepare_token_data
 from mvlm_engine.trainer import TrainingTask, fit
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    lrs = [get_lr(s, 1e-3, 10, 100, 0.1) for s in range(120)]
+    lrs = [1e-3 * lr_factor(s, 10, 100, 0.1) for s in range(120)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))  # cosine only goes down
     assert lrs[55] == pytest.approx(1e-4 + 0.5 * 0.9e-3)  # halfway through the decay
     assert lrs[100] == lrs[119] == pytest.approx(1e-4)
+
+
+def test_wsd_schedule_is_flat_then_decays_linearly_to_the_floor():
+    factors = [lr_factor(s, 10, 100, 0.1, "wsd", decay_fraction=0.2) for s in range(100)]
+    assert factors[9] == 1.0 and set(factors[10:80]) == {1.0}  # stable until the last 20% of the steps
+    assert factors[80] == pytest.approx(1.0) and factors[90] == pytest.approx(0.55)
+    assert all(a > b for a, b in zip(factors[80:99], factors[81:100]))
+    assert lr_factor(100, 10, 100, 0.1, "wsd") == pytest.approx(0.1)
+
+
+class TinyLM(torch.nn.Module):
+    """An embedding, two hidden matrices, a gain, a bare 2-D parameter and an output head."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.hidden = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(32, 16))
+        self.gain = torch.nn.Parameter(torch.ones(16))
+        self.slots = torch.nn.Parameter(torch.randn(3, 16))
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.is_output_head = True
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        h = self.hidden(self.embed(x) + self.slots.mean(0)) * self.gain
+        return self.head(h)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_takes_only_the_hidden_matrices(tied):
+    from mvlm_engine.optim import build_optimizer, hidden_matrices
+    model = TinyLM(tied)
+    assert [id(p) for p in hidden_matrices(model)] == [id(model.hidden[0].weight), id(model.hidden[1].weight)]
+    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, head_lr=4e-3, scalar_lr=5e-3)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    groups = [{id(p) for p in g["params"]} for g in adamw.param_groups]
+    matrices, scalars = {id(model.embed.weight), id(model.slots)}, {id(model.gain), id(model.hidden[1].bias)}
+    if tied:  # the head is the embedding: it trains as one
+        assert groups == [matrices, scalars]
+        assert [g["peak_lr"] for g in optimizer.param_groups] == [0.02, 1e-3, 5e-3]
+    else:
+        assert groups == [{id(model.head.weight)}, matrices, scalars]
+        assert [g["peak_lr"] for g in optimizer.param_groups] == [0.02, 4e-3, 1e-3, 5e-3]
+
+
+def test_muon_state_round_trips_exactly():
+    from mvlm_engine.optim import build_optimizer
+    torch.manual_seed(0)
+    cfg = TrainConfig(optimizer="muon")
+    model, x = TinyLM(tied=False), torch.randint(0, 50, (4, 7))
+
+    def train(model, optimizer, steps):
+        for _ in range(steps):
+            torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    train(model, optimizer, 3)
+    copy = TinyLM(tied=False)
+    copy.load_state_dict(model.state_dict())
+    copy_optimizer = build_optimizer(copy, cfg, torch.device("cpu"))
+    saved = io.BytesIO()  # through the bytes a checkpoint holds, read back without unpickling
+    torch.save(optimizer.state_dict(), saved)
+    copy_optimizer.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    train(model, optimizer, 3)
+    train(copy, copy_optimizer, 3)
+    for a, b in zip(model.parameters(), copy.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_fp32_newton_schulz_on_cpu_matches_torchs_bf16_iteration():
+    from torch.optim import _muon
+
+    from mvlm_engine.optim import use_fp32_newton_schulz_on_cpu
+    use_fp32_newton_schulz_on_cpu()
+    original = _muon._zeropower_via_newtonschulz.__closure__[0].cell_contents  # torch's own, kept inside
+    grad = torch.randn(48, 24, generator=torch.Generator().manual_seed(0))
+    ours = _muon._zeropower_via_newtonschulz(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    theirs = original(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
+    assert ours.dtype == torch.float32 and ours.shape == grad.shape
+    assert (ours - theirs).abs().max() < 0.02 and ours.abs().mean() > 0.1
 
 
 def test_config_rejects_unknown_keys_and_bad_types_all_at_once():

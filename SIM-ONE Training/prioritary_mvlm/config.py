@@ -24,7 +24,7 @@ LOSS_WEIGHTS = ("coherence_weight", "alignment_weight", "z_loss_weight")
 LIMITS = {"coherence_weight": 100.0, "alignment_weight": 100.0, "z_loss_weight": 100.0, "alignment_pairs": 4096,
           "alignment_max_tokens": 1 << 16, "alignment_temperature": 100.0}
 MODEL_LIMITS = {"d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "ffn_hidden_dim": 1 << 18,
-                "memory_tokens": 4096, "rope_theta": 1e9, "init_std": 1.0, "trace_top_k": 1000}
+                "memory_tokens": 4096, "rope_theta": 1e9, "init_std": 1.0, "trace_top_k": 1000, "logit_softcap": 1e4}
 
 
 @dataclass

@@ -100,6 +100,7 @@ class EnhancedPrioritaryTrainer:
         flops = transformer_flops_per_token(model.count_parameters(True), mc.n_layers, mc.d_model, cfg.block_size)
         task = TrainingTask(name=self.name, objective=objective, logits=lambda module, x: module.logits(x),
                             batches=batches, flops_per_token=flops, config=cfg, description=DESCRIPTION,
+                            non_embedding_params=model.count_parameters(True),
                             export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out))
         return task, data
 

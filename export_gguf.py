@@ -167,8 +167,8 @@ def simone_hparams(config: dict) -> Hparams:
     simone = simone_config(config)
     features = governance_features(simone)
     if features:
-        raise ExportError(f"cannot export to GGUF: SIM-ONE governance on, which llama.cpp's llama "
-                          f"architecture cannot express: {', '.join(features)}")
+        raise ExportError(f"cannot export to GGUF: SIM-ONE has governance or recipe pieces on that llama.cpp's "
+                          f"llama architecture cannot express: {', '.join(features)}")
     return Hparams(
         n_layer=simone.n_layers, n_embd=simone.d_model, n_head=simone.n_heads, n_head_kv=simone.n_kv_heads,
         n_ff=simone.ffn_hidden_dim, n_ctx=simone.max_seq_len, vocab_size=simone.vocab_size,

@@ -15,8 +15,10 @@ Arguments after `--` go to every enhanced_train.py run unchanged.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -31,8 +33,7 @@ from mvlm_engine.config import setting  # noqa: E402  (torch-free)
 
 PROG = "ablation.py"
 # Other weights tried for each auxiliary loss (the default's own weight is the "default" row).
-LOSS_WEIGHTS = {"coherence_weight": (0.03, 0.1, 0.3), "alignment_weight": (0.01, 0.03, 0.1),
-                "z_loss_weight": (1e-4,)}
+LOSS_WEIGHTS = {"coherence_weight": (0.03, 0.1), "alignment_weight": (0.01, 0.1), "z_loss_weight": (1e-4,)}
 
 
 @dataclass
@@ -43,15 +44,28 @@ class AblationSettings:
     retrieval_pairs: int = setting(200, "held-out verse pairs for retrieval@1")
     eval_windows: int = setting(256, "held-out windows of the final evaluation")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
+    jobs: int = setting(1, "runs trained at once (CPU: one thread each, e.g. 2 on 2 cores)")
     data_dir: str = setting("mvlm_training_dataset_complete", "corpus folder", path=True)
     output_dir: str = setting("models/ablation", "one folder per run, plus ablation.md and ablation.json", path=True)
+
+    def problems(self) -> list[str]:
+        errors = [f"--{n} must be > 0 (got {getattr(self, n)})" for n in ("jobs", "eval_windows")
+                  if getattr(self, n) <= 0]
+        errors += [f"--{n} must be >= 0 (got {getattr(self, n)})" for n in ("max_steps", "noise_seeds")
+                   if getattr(self, n) < 0]
+        if self.retrieval_pairs < 2:
+            errors.append(f"--retrieval_pairs must be >= 2 (got {self.retrieval_pairs})")
+        return errors
 
 
 def switch_offs(cfg) -> dict[str, list[str]]:
     """One row per piece the default recipe has on: the flags that switch it off."""
     m, rows = cfg.model, {}
     if cfg.optimizer == "muon":
-        rows["- Muon (AdamW everywhere, lr 3e-3)"] = ["--optimizer", "adamw", "--learning_rate", "3e-3"]
+        # The whole optimizer recipe goes: AdamW as GPT-2 trains (one lr, beta1 0.9, decay 0.1).
+        rows["- Muon (AdamW everywhere: lr 3e-3, beta1 0.9, decay 0.1)"] = [
+            "--optimizer", "adamw", "--learning_rate", "3e-3", "--head_lr", "3e-3", "--scalar_lr", "3e-3",
+            "--beta1", "0.9", "--weight_decay", "0.1"]
     if cfg.schedule == "wsd":
         rows["- WSD schedule (cosine)"] = ["--schedule", "cosine"]
     if not m.tie_embeddings:
@@ -108,7 +122,8 @@ def run_variant(settings: AblationSettings, name: str, flags: list[str], extra: 
                 "--device", settings.device, "--overwrite", "--eval_windows", settings.eval_windows,
                 *(["--max_steps", settings.max_steps] if settings.max_steps else []), *flags, *extra]
         print(f"[ablation] {name}: {' '.join(map(str, flags)) or '(defaults)'}", flush=True)
-        run_trainer(HERE / "enhanced_train.py", args, Path(settings.output_dir) / f"{slug(name)}.log")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if settings.jobs > 1 else None
+        run_trainer(HERE / "enhanced_train.py", args, Path(settings.output_dir) / f"{slug(name)}.log", env)
     summary = json.loads((run_dir / "run_summary.json").read_text())
     config = json.loads((run_dir / "train_config.json").read_text())
     retrieval = held_out_retrieval(run_dir, settings.data_dir, settings.retrieval_pairs,
@@ -143,7 +158,10 @@ def main(argv=None) -> None:
     cut = argv.index("--") if "--" in argv else len(argv)
     settings, extra = parse_run_config(AblationSettings, argv[:cut], PROG, __doc__), argv[cut + 1:]
     default = resolve_settings(PrioritaryConfig, {"preset": settings.preset}, {})
-    rows = [run_variant(settings, name, flags, extra) for name, flags in variants(default, settings.noise_seeds).items()]
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+        rows = list(pool.map(lambda item: run_variant(settings, *item, extra),
+                             variants(default, settings.noise_seeds).items()))
     text = table(rows, settings)
     print("\n" + text)
     out = Path(settings.output_dir)

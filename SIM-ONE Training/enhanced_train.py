@@ -3,8 +3,8 @@
 
     cd "SIM-ONE Training" && python3 enhanced_train.py                 # small preset on a GPU
     python3 "SIM-ONE Training/enhanced_train.py" --preset tiny         # CPU smoke run, from the root
-    python3 enhanced_train.py --no_policy_gate --memory_tokens 0 --coherence_weight 0 \\
-        --alignment_weight 0 --z_loss_weight 0                         # a plain Llama baseline
+    python3 enhanced_train.py --no_policy_gate --memory_tokens 0 --no_qk_norm --no_unet_skips \\
+        --z_loss_weight 0                                              # a plain Llama baseline
     python3 enhanced_train.py --resume_from latest                     # continue after a stop
     python3 enhanced_train.py --config ../models/simone_enhanced/train_config.json  # reproduce a run
 

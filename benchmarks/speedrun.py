@@ -53,7 +53,8 @@ class SpeedrunSettings:
     steps: int = setting(0, "optimizer steps per run (0: the preset's budget)")
     eval_points: int = setting(15, "held-out evaluations per run, evenly spaced")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
-    side_by_side: bool = setting(True, "tiny preset: the two models of a seed train at once, one thread each")
+    side_by_side: bool = setting(True, "tiny preset: every run (both models, every seed) trains at once, one "
+                                       "thread each")
     data_dir: str = setting("mvlm_training_dataset_complete", "corpus folder (built if missing)", path=True)
     output_dir: str = setting("runs/speedrun", "where the runs, logs and speedrun.json go", path=True)
 
@@ -72,19 +73,24 @@ def trainer_args(settings: SpeedrunSettings, model: str, preset: str, seed: int)
     return args + (["--quality_seeds"] if model == "simone" else [])
 
 
-def run_seed(settings: SpeedrunSettings, preset: str, seed: int) -> dict:
-    """Both models for one seed (side by side on CPU, one thread each): model -> run."""
+def run_all(settings: SpeedrunSettings, preset: str) -> dict[int, dict]:
+    """Every run: seed -> model -> run. On CPU (tiny) all of them train at once, one thread
+    each, so that no core idles while the slower model of a seed finishes."""
     logs = Path(settings.output_dir) / preset
     logs.mkdir(parents=True, exist_ok=True)
     parallel = settings.side_by_side and preset == "tiny"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if parallel else None
+    jobs = [(seed, model) for seed in range(1, settings.seeds + 1) for model in TRAINERS]
 
-    def one(model):
+    def one(job):
+        seed, model = job
+        print(f"[speedrun] seed {seed}: training {model} (preset {preset})", flush=True)
         return run_trainer(TRAINERS[model], trainer_args(settings, model, preset, seed),
                            logs / f"{model}_seed{seed}.log", env)
 
-    with ThreadPoolExecutor(max_workers=2 if parallel else 1) as pool:
-        return dict(zip(TRAINERS, pool.map(one, TRAINERS)))
+    with ThreadPoolExecutor(max_workers=len(jobs) if parallel else 1) as pool:
+        finished = dict(zip(jobs, pool.map(one, jobs)))
+    return {seed: {model: finished[seed, model] for model in TRAINERS} for seed in range(1, settings.seeds + 1)}
 
 
 def curve(run: dict) -> list[tuple[int, float]]:
@@ -157,10 +163,7 @@ def main(argv=None) -> None:
     settings = parse_run_config(SpeedrunSettings, argv, PROG, __doc__)
     preset = choose_preset(settings)
     ensure_corpus(Path(settings.data_dir))
-    runs = {}
-    for seed in range(1, settings.seeds + 1):
-        print(f"[speedrun] seed {seed}: training MVLM-GPT2 and SIM-ONE (preset {preset})", flush=True)
-        runs[seed] = run_seed(settings, preset, seed)
+    runs = run_all(settings, preset)
     result = summarize(runs)
     sizes = result["non_embedding_params"]
     if abs(sizes["simone"] - sizes["gpt2"]) > 0.1 * sizes["gpt2"]:

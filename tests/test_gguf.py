@@ -77,11 +77,12 @@ def save_simone(tokenizer_file, out, **overrides):
     """
     import torch
     from simone_transformer import SimOneConfig, SimOneModel
+    from simone_transformer.enhanced_model import LLAMA_VALUES
     from simone_transformer.hf_model import save_pretrained_dir
     from mvlm_engine.tokenizer import eos_id, hf_tokenizer, load_tokenizer
     torch.manual_seed(0)
     settings = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=80, max_seq_len=64,
-                    policy_gate=False, memory_tokens=0, rope_theta=5e5)
+                    rope_theta=5e5, tie_embeddings=True, zero_init_head=False, zero_init_proj=False, **LLAMA_VALUES)
     model = SimOneModel(SimOneConfig.from_dict({**settings, "vocab_size": vocab_size_of(tokenizer_file), **overrides}))
     save_pretrained_dir(model, out)
     hf_tokenizer(tokenizer_file, model_max_length=model.config.max_seq_len).save_pretrained(out)
@@ -392,11 +393,11 @@ def llama_cpp():
 
 @pytest.fixture(scope="session")
 def plain_simone(small_corpus, tmp_path_factory):
-    """A tiny trained SIM-ONE with every governance mechanism off (a Llama model)."""
+    """A tiny trained SIM-ONE with governance, QK-norm and U-net skips off (a Llama model)."""
     out = tmp_path_factory.mktemp("plain_simone") / "run"
     run_ok(*tiny_args(SIMONE_TRAINER, small_corpus, out, "--batch_size", 8, "--max_steps", 150,
-                      "--eval_interval", 150, "--no_policy_gate", "--memory_tokens", 0, "--coherence_weight", 0,
-                      "--alignment_weight", 0, seed=3), timeout=TRAIN_TIMEOUT)
+                      "--eval_interval", 150, "--no_policy_gate", "--memory_tokens", 0, "--no_qk_norm",
+                      "--no_unet_skips", seed=3), timeout=TRAIN_TIMEOUT)
     return out
 
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import REPO
 from mvlm_engine.parallel_verses import mean_pool
 from prioritary_mvlm.advanced_losses import (CompositeObjective, alignment_loss, combine_losses, multi_token_loss,
                                              next_token_loss, z_loss)
@@ -64,7 +65,9 @@ def test_combine_static_and_adaptive():
 
 def tiny_objective(**weights):
     torch.manual_seed(0)
-    model = SimOneModel(simone_preset("tiny", vocab_size=64, max_seq_len=32, memory_tokens=2))
+    # Random (not zero) output projections and head, so every gradient path is live at step 0.
+    model = SimOneModel(simone_preset("tiny", vocab_size=64, max_seq_len=32, memory_tokens=2, zero_init_head=False,
+                                      zero_init_proj=False))
     full = {"coherence": 0.1, "alignment": 0.1, "stability": 1e-4, **weights}
     return CompositeObjective(model, full, adaptive=True, temperature=0.1)
 
@@ -88,7 +91,7 @@ def test_each_term_trains_the_parameters_it_should():
     coherence = grads_of(objective, "coherence")
     # down starts at zero (the head starts as the identity), so its gradient is the live one.
     assert coherence["multi_token_head.down.weight"].abs().sum() > 0
-    assert coherence["model.embed_tokens.weight"].abs().sum() > 0  # shared unembedding and the trunk
+    assert coherence["model.embed_tokens.weight"].abs().sum() > 0  # through the trunk
     accuracy = grads_of(objective, "accuracy")
     assert accuracy["multi_token_head.down.weight"] is None  # the next-token loss never touches the t+2 head
     assert accuracy["model.memory_embeddings"].abs().sum() > 0  # memory tokens are trained through attention
@@ -115,3 +118,29 @@ def test_zero_weight_builds_nothing():
     assert objective.multi_token_head is None
     _, logged = objective(tiny_batch())
     assert set(logged) == {"loss/accuracy", "weight/accuracy"}
+
+
+def test_each_ablation_row_switches_off_exactly_its_piece():
+    """Every row of ablation.py parses as enhanced_train.py flags and changes the default recipe."""
+    import dataclasses
+    import importlib.util
+    import sys
+
+    from mvlm_engine.cli import parse_run_config, resolve_settings
+    from prioritary_mvlm.config import PrioritaryConfig
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "SIM-ONE Training" / "ablation.py")
+    ablation = sys.modules["ablation"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+
+    default = resolve_settings(PrioritaryConfig, {"preset": "tiny"}, {})
+    rows = ablation.switch_offs(default)
+    expected = {"Muon", "untied head", "zero-init projections", "QK-norm", "U-net skips", "policy gate",
+                "memory tokens"}
+    assert {label[2:].split(" (")[0] for label in rows} == expected
+    for label, flags in rows.items():
+        cfg = parse_run_config(PrioritaryConfig, ["--preset", "tiny", *flags], "enhanced_train.py", "")
+        changed = {k for k, v in dataclasses.asdict(cfg.model).items() if getattr(default.model, k) != v}
+        changed |= {f.name for f in dataclasses.fields(cfg) if f.name != "model"
+                    and getattr(cfg, f.name) != getattr(default, f.name)}
+        assert changed, label
+        assert ablation.switch_offs(cfg).keys() < rows.keys(), label  # the piece is off, the rest still on

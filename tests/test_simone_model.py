@@ -29,9 +29,13 @@ EXPORT_SCRIPT = REPO / "SIM-ONE Training" / "export_llama.py"
 GOVERNANCE_OFF = dict(policy_gate=False, memory_tokens=0)
 
 
+# The recipe's architecture pieces off: most tests check the Llama-compatible core plus governance.
+PLAIN = dict(tie_embeddings=True, zero_init_head=False, zero_init_proj=False, qk_norm=False, unet_skips=False)
+
+
 def tiny_config(**overrides) -> SimOneConfig:
     base = dict(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=160,
-                max_seq_len=64, policy_gate=True, memory_tokens=4)
+                max_seq_len=64, policy_gate=True, memory_tokens=4, **PLAIN)
     return SimOneConfig.from_dict({**base, **overrides})
 
 

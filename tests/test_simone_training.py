@@ -15,7 +15,9 @@ TERMS = ["loss/accuracy", "loss/coherence", "loss/alignment", "loss/stability"]
 
 
 def tiny_args(data_dir, out, *extra):
-    return conftest.tiny_args(SIMONE_TRAINER, data_dir, out, "--batch_size", 8, *extra, seed=3)
+    """The default recipe (Muon included) plus the auxiliary losses, which are off by default."""
+    return conftest.tiny_args(SIMONE_TRAINER, data_dir, out, "--batch_size", 8, *conftest.SIMONE_AUX_LOSSES_ON,
+                              *extra, seed=3)
 
 
 def test_everything_on_trains_and_logs_every_term(trained_simone):
@@ -23,6 +25,7 @@ def test_everything_on_trains_and_logs_every_term(trained_simone):
     config = json.loads((trained_simone / "train_config.json").read_text())
     assert config["model"]["policy_gate"] and config["model"]["memory_tokens"] > 0
     assert all(config[w] > 0 for w in ("coherence_weight", "alignment_weight", "z_loss_weight"))
+    assert config["optimizer"] == "muon" and config["model"]["qk_norm"] and config["model"]["unet_skips"]
     for record in history["train"]:
         assert all(term in record and math.isfinite(record[term]) for term in TERMS), record
     first, last = history["train"][0], history["train"][-1]
@@ -69,6 +72,7 @@ def test_its_own_train_config_reproduces_the_resolved_settings(trained_simone, t
 
 
 def test_resume_is_exact_with_every_mechanism_on(small_corpus, tmp_path):
+    """The default recipe (Muon and its AdamW groups, the schedule) plus every loss resumes bit for bit."""
     common = ["--max_steps", 16, "--save_interval", 8, "--eval_interval", 8, "--log_interval", 4,
               "--keep_checkpoints", 5]
     full = run_script(*tiny_args(small_corpus, tmp_path / "full", *common))
@@ -79,6 +83,7 @@ def test_resume_is_exact_with_every_mechanism_on(small_corpus, tmp_path):
     proc = run_script(*tiny_args(small_corpus, tmp_path / "resumed", *common, "--resume_from", "latest"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout
+    assert json.loads((tmp_path / "resumed" / "train_config.json").read_text())["optimizer"] == "muon"
     assert_same_weights(tmp_path / "full" / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
     # The auxiliary head and everything else in the training module too.
     assert_same_weights(tmp_path / "full" / "checkpoints" / "step_000016" / "model.safetensors",

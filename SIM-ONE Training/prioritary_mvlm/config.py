@@ -2,13 +2,19 @@
 
 It extends the shared engine's TrainConfig (so the engine trains with it directly) with the
 model (a SimOneConfig under `model`: shape and governance switches), the composite loss and
-the tokenizer's quality seeds. Defaults are the seed's: the small preset on one GPU, batch
-12 x 4 accumulation, 32K vocabulary, 3 epochs. Saved as train_config.json beside every run.
+the tokenizer's quality seeds. Defaults: the small preset on one GPU, batch 12 x 4 accumulation,
+32K vocabulary, 3 epochs, and the recipe measured in RESULTS.md (speedrun and ablation): Muon
+for the hidden matrices, AdamW (beta1 0.8, no weight decay) for embeddings, head and gains, and
+SimOneConfig's architecture (untied zero-initialised head, zero-initialised output projections,
+QK-norm, U-net skips).
+The auxiliary losses cost held-out quality at the sizes measured, so only the z-loss is on.
+Saved as train_config.json beside every run.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting, upper_limit_problems
 from simone_transformer import SimOneConfig
@@ -20,6 +26,10 @@ DEFAULT_QUALITY_SEEDS = (
     "Philistines", "Nebuchadnezzar", "Melchizedek", "Galilee", "Pharisees", "Samaria",
 )
 LOSS_WEIGHTS = ("coherence_weight", "alignment_weight", "z_loss_weight")
+# The training half of the default recipe (its model half is SimOneConfig's defaults; Muon's lr and
+# momentum are the engine's). The ablation in RESULTS.md measures each piece.
+RECIPE_TRAINING = {"optimizer": "muon", "learning_rate": 0.05, "head_lr": 0.008, "scalar_lr": 0.02, "beta1": 0.8,
+                   "weight_decay": 0.0}
 # Upper limits past which a run cannot work (or a number is a typo); lower ones are in problems().
 LIMITS = {"coherence_weight": 100.0, "alignment_weight": 100.0, "z_loss_weight": 100.0, "alignment_pairs": 4096,
           "alignment_max_tokens": 1 << 16, "alignment_temperature": 100.0}
@@ -33,14 +43,13 @@ class PrioritaryConfig(TrainConfig):
 
     PRESETS = {
         # CPU smoke runs: ~0.8M non-embedding parameters, a training step well under a second.
-        "tiny": {**CPU_SMOKE_TRAINING, "batch_size": 16, "gradient_accumulation_steps": 1, "d_model": 128,
+        "tiny": {**CPU_SMOKE_TRAINING, "learning_rate": RECIPE_TRAINING["learning_rate"], "batch_size": 16, "gradient_accumulation_steps": 1, "d_model": 128,
                  "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden_dim": 384, "memory_tokens": 4,
                  "alignment_pairs": 8, "alignment_max_tokens": 48},
         # GPT-2 small scale: ~85M non-embedding parameters (the SimOneConfig defaults).
         "small": {},
         # ~304M non-embedding parameters.
-        "medium": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "ffn_hidden_dim": 2752, "learning_rate": 3e-4,
-                   "warmup_steps": 300},
+        "medium": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "ffn_hidden_dim": 2752, "warmup_steps": 300},
     }
     # The model's vocabulary comes from the trained tokenizer, its context from --block_size.
     DERIVED = ("model.vocab_size", "model.max_seq_len")
@@ -49,10 +58,16 @@ class PrioritaryConfig(TrainConfig):
     output_dir: str = override(TrainConfig, "output_dir", "models/simone_enhanced")
     batch_size: int = override(TrainConfig, "batch_size", 12)
     gradient_accumulation_steps: int = override(TrainConfig, "gradient_accumulation_steps", 4)
+    optimizer: Literal["adamw", "muon"] = override(TrainConfig, "optimizer", RECIPE_TRAINING["optimizer"])
+    learning_rate: float = override(TrainConfig, "learning_rate", RECIPE_TRAINING["learning_rate"])
+    head_lr: float | None = override(TrainConfig, "head_lr", RECIPE_TRAINING["head_lr"])
+    scalar_lr: float | None = override(TrainConfig, "scalar_lr", RECIPE_TRAINING["scalar_lr"])
+    beta1: float = override(TrainConfig, "beta1", RECIPE_TRAINING["beta1"])
+    weight_decay: float = override(TrainConfig, "weight_decay", RECIPE_TRAINING["weight_decay"])
     model: SimOneConfig = setting(factory=SimOneConfig)
     # Composite loss: accuracy (next-token CE) always has weight 1; 0 switches a term off.
-    coherence_weight: float = setting(0.1, "weight of the multi-token (t+2) prediction loss (0 = off)")
-    alignment_weight: float = setting(0.1, "weight of the parallel-verse InfoNCE loss (0 = off)")
+    coherence_weight: float = setting(0.0, "weight of the multi-token (t+2) prediction loss (0 = off)")
+    alignment_weight: float = setting(0.0, "weight of the parallel-verse InfoNCE loss (0 = off)")
     z_loss_weight: float = setting(1e-4, "weight of the z-loss on the logits (0 = off)")
     adaptive_weights: bool = setting(False, "learn the loss weights by uncertainty weighting (Kendall et al. 2018)")
     alignment_pairs: int = setting(16, "parallel verse pairs per micro-step")

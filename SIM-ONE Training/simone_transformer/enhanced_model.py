@@ -12,10 +12,11 @@ governance mechanisms, each a config switch:
 - trace   (`forward(..., trace=True)`): a per-token record of the gates, the attention
                               mass on memory, and a logit-lens top-k per layer.
 
-Training-recipe switches (QK-norm, zero-init projections, logit soft-cap, value residual or
-value embeddings, ReLU^2 MLP, x0 mixing, U-net skips; see SimOneConfig) come from
-modded-nanogpt; all are off by default. With everything `llama_incompatible_features` lists off, the model is numerically
-a Llama model (same parameter names, see export_llama.py). Reads top to bottom: config, block, model,
+Training-recipe switches (QK-norm, zero-init projections and head, logit soft-cap, value residual
+or value embeddings, ReLU^2 MLP, x0 mixing, U-net skips; see SimOneConfig) come from
+modded-nanogpt. The defaults are the recipe measured in RESULTS.md (untied zero-init head,
+zero-init projections, QK-norm, U-net skips). With everything `llama_incompatible_features` lists
+off, the model is numerically a Llama model (same parameter names, see export_llama.py). Reads top to bottom: config, block, model,
 generation, trace helpers. Imports only torch and sibling files (trust_remote_code).
 """
 from __future__ import annotations
@@ -54,23 +55,23 @@ class SimOneConfig:
     max_seq_len: int = _setting(1024, "real tokens per sequence (a run takes it from --block_size)")
     rope_theta: float = _setting(10000.0, "RoPE base")
     norm_eps: float = _setting(1e-5, "RMSNorm epsilon")
-    tie_embeddings: bool = _setting(True, "the LM head reuses the input embedding")
+    tie_embeddings: bool = _setting(False, "the LM head reuses the input embedding")
     policy_gate: bool = _setting(True, "governance: a learned sigmoid gate per attention head per token")
     memory_tokens: int = _setting(8, "governance: learned memory tokens before every sequence (0 = off)")
     attention_backend: str = _setting("sdpa", "sdpa | flash (flash-attn on CUDA bf16/fp16 only)")
     init_std: float = _setting(0.02, "standard deviation of the weight init")
     trace_top_k: int = _setting(5, "logit-lens entries per layer in a trace")
-    # Training-recipe switches (modded-nanogpt style). All off: the model is exactly Llama.
+    # Training-recipe switches (modded-nanogpt style); the defaults are the measured recipe.
     # `llama_incompatible_features` names the ones a Llama checkpoint cannot express.
-    qk_norm: bool = _setting(False, "RMSNorm with a learned gain on each head's q and k, before RoPE")
-    zero_init_proj: bool = _setting(False, "o_proj and down_proj start at 0: every block starts as the identity")
-    zero_init_head: bool = _setting(False, "the untied lm_head starts at 0 (uniform first predictions)")
+    qk_norm: bool = _setting(True, "RMSNorm with a learned gain on each head's q and k, before RoPE")
+    zero_init_proj: bool = _setting(True, "o_proj and down_proj start at 0: every block starts as the identity")
+    zero_init_head: bool = _setting(True, "the untied lm_head starts at 0 (uniform first predictions)")
     logit_softcap: float = _setting(0.0, "> 0: logits = cap * tanh(logits / cap); 0 = off")
     value_residual: bool = _setting(False, "layers after the first mix layer 0's values into theirs")
     value_embeddings: bool = _setting(False, "each layer mixes a learned per-token vector into its values")
     mlp: str = _setting("swiglu", "swiglu (Llama) | relu2: down(relu(up(x))^2)")
     x0_mix: bool = _setting(False, "each block starts from a * x + b * x0 (x0: the embedded input), learned")
-    unet_skips: bool = _setting(False, "layer L-1-i adds w_i * (output of layer i) for i < L // 2, learned")
+    unet_skips: bool = _setting(True, "layer L-1-i adds w_i * (output of layer i) for i < L // 2, learned")
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -139,14 +140,18 @@ def _check_type(name: str, value, hint) -> None:
         raise ValueError(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
 
 
+# The value of each switch a stock Llama checkpoint can express (init-only switches and an untied
+# head need no entry): SimOneConfig(**LLAMA_VALUES, ...) is numerically a Llama model.
+LLAMA_VALUES = {"policy_gate": False, "memory_tokens": 0, "qk_norm": False, "logit_softcap": 0.0,
+                "value_residual": False, "value_embeddings": False, "mlp": "swiglu", "x0_mix": False,
+                "unet_skips": False}
+
+
 def llama_incompatible_features(config: SimOneConfig) -> list[str]:
     """The switched-on pieces a stock Llama checkpoint cannot express, as "field=value"
     (empty: the model exports to LlamaForCausalLM as it is). The single list an exporter
-    consults. Init-only switches (zero_init_*) and an untied head are Llama-compatible."""
-    defaults = {"policy_gate": False, "memory_tokens": 0, "qk_norm": False, "logit_softcap": 0.0,
-                "value_residual": False, "value_embeddings": False, "mlp": "swiglu", "x0_mix": False,
-                "unet_skips": False}
-    return [f"{name}={getattr(config, name)}" for name, off in defaults.items() if getattr(config, name) != off]
+    consults."""
+    return [f"{name}={getattr(config, name)}" for name, value in LLAMA_VALUES.items() if getattr(config, name) != value]
 
 
 # --------------------------------------------------------------------------- model

@@ -29,7 +29,7 @@ SIMONE_DIR = REPO / "SIM-ONE Training"
 SCRIPTS = {
     "mvlm_trainer.py": GPT2_TRAINER, "enhanced_train.py": SIMONE_TRAINER, "train.py": SIMONE_DIR / "train.py",
     "train_all_models.py": REPO / "train_all_models.py", "validate_models.py": REPO / "validate_models.py",
-    "prepare.py": PREPARE, "export_llama.py": SIMONE_DIR / "export_llama.py",
+    "prepare.py": PREPARE, "export_llama.py": SIMONE_DIR / "export_llama.py", "export_gguf.py": REPO / "export_gguf.py",
 }
 
 
@@ -90,6 +90,7 @@ CHECKPOINT_DAMAGE = {
     "optimizer_garbage": lambda f: (f / "optimizer.pt").write_bytes(b"not a torch file"),
     "rng_garbage": lambda f: torch.save({"torch": torch.zeros(3)}, f / "rng_state.pt"),
     "optimizer_missing": lambda f: (f / "optimizer.pt").unlink(),
+    "intact": lambda f: None,  # resumed with settings that do not fit it
 }
 
 
@@ -168,11 +169,14 @@ def ws(small_corpus, trained_gpt2, trained_simone, read_only_corpus, tmp_path_fa
     shutil.copytree(trained_gpt2, runs / "with_checkpoints", ignore=shutil.ignore_patterns(".lock"))
     shutil.copytree(trained_gpt2, runs / "finished", ignore=shutil.ignore_patterns("checkpoints", ".lock"))
     damaged = {name: damaged_checkpoint(root, trained_gpt2, name, "step_000150", damage)
-               for name, damage in CHECKPOINT_DAMAGE.items()}
+               for name, damage in CHECKPOINT_DAMAGE.items() if name != "intact"}
     simone_damaged = {name: damaged_checkpoint(root, trained_simone, f"simone_{name}", "step_000080", damage)
-                      for name, damage in CHECKPOINT_DAMAGE.items() if name in ("state_no_rng", "optimizer_garbage")}
+                      for name, damage in CHECKPOINT_DAMAGE.items()
+                      if name in ("state_no_rng", "optimizer_garbage", "intact")}
     models = {name: model_variant(root, trained_simone, f"simone_{name}", damage) for name, damage in MODEL_DAMAGE.items()}
     models["gpt2"] = model_variant(root, trained_gpt2, "mvlm_gpt2", lambda f: None)
+    models["gpt2_nan"] = model_variant(root, trained_gpt2, "gpt2_nan", nan_weights)
+    models["gpt2_truncated"] = model_variant(root, trained_gpt2, "gpt2_truncated", MODEL_DAMAGE["truncated"])
     (root / "not_empty").mkdir()
     (root / "not_empty" / "x").write_text("")
     return SimpleNamespace(root=root, corpus=small_corpus, file=root / "file", missing=root / "nowhere",
@@ -253,6 +257,16 @@ TRAINER_CASES = [
     ("min_lr_ratio", lambda ws: ["--min_lr_ratio", "2"], "--min_lr_ratio must be in [0, 1]"),
     ("beta_one", lambda ws: ["--beta2", "1"], "--beta2 must be in [0, 1)"),
     ("bad_steps_zero", lambda ws: ["--max_bad_steps", "0"], "--max_bad_steps must be > 0"),
+    ("muon_lr_nan", lambda ws: ["--muon_lr", "nan"], "--muon_lr must be a finite number"),
+    ("muon_lr_huge", lambda ws: ["--muon_lr", "1e9"], "--muon_lr must be <= 10"),
+    ("head_lr_negative", lambda ws: ["--head_lr", "-0.1"], "--head_lr must be > 0"),
+    ("scalar_lr_inf", lambda ws: ["--scalar_lr", "inf"], "--scalar_lr must be a finite number"),
+    ("muon_momentum_one", lambda ws: ["--muon_momentum", "1"], "--muon_momentum must be in [0, 1)"),
+    ("muon_decay_unused_negative", lambda ws: ["--optimizer", "adamw", "--muon_weight_decay", "-1"],
+     "--muon_weight_decay must be >= 0"),
+    ("decay_fraction_zero", lambda ws: ["--decay_fraction", "0"], "--decay_fraction must be in (0, 1]"),
+    ("optimizer_unknown", lambda ws: ["--optimizer", "sgd"], "invalid choice"),
+    ("schedule_unknown", lambda ws: ["--schedule", "linear"], "invalid choice"),
     ("accumulation_zero", lambda ws: ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be > 0"),
     ("intervals_negative", lambda ws: ["--save_interval", "-5", "--log_interval", "0"], "--log_interval must be > 0"),
     ("precision_unknown", lambda ws: ["--precision", "fp8"], "invalid choice"),
@@ -297,8 +311,14 @@ SIMONE_ONLY = [
     ("rope_zero", lambda ws: ["--rope_theta", "0"], "rope_theta must be > 0"),
     ("d_model_huge", lambda ws: ["--d_model", "1048576", "--n_heads", "1", "--n_kv_heads", "1"], "--d_model must be <="),
     ("seeds_with_spaces", lambda ws: ["--quality_seeds", "Holy Spirit"], "single words"),
+    ("softcap_negative", lambda ws: ["--logit_softcap", "-1"], "logit_softcap must be >= 0"),
+    ("softcap_huge", lambda ws: ["--logit_softcap", "1e30"], "--logit_softcap must be <="),
+    ("mlp_unknown", lambda ws: ["--mlp", "gelu"], "mlp must be one of"),
+    ("zero_head_tied", lambda ws: ["--tie_embeddings", "--zero_init_head"], "zero_init_head needs tie_embeddings=False"),
 ] + [(f"resume_{name}", lambda ws, name=name: resume(ws.simone_damaged[name], 80, 40), needle)
-     for name, needle in [("state_no_rng", "'rng' is missing"), ("optimizer_garbage", "corrupt")]]
+     for name, needle in [("state_no_rng", "'rng' is missing"), ("optimizer_garbage", "corrupt")]] + [
+    ("resume_other_optimizer", lambda ws: [*resume(ws.simone_damaged["intact"], 80, 40), "--optimizer", "adamw"],
+     "optimizer.pt was saved by another --optimizer")]
 
 PIPELINE = lambda ws, *extra: ["--data_dir", str(ws.corpus), "--models_dir", str(ws.root / "p_models"),  # noqa: E731
                                "--download_dir", str(ws.root / "p_downloads"), "--logs_dir", str(ws.root / "p_logs"),
@@ -381,6 +401,25 @@ EXPORT_CASES = [
     ("out_read_only", lambda ws: EXPORT(ws, "good", ws.ro / "empty" / "llama"), "cannot be written"),
     ("out_inside_model", lambda ws: EXPORT(ws, "good", ws.models["good"] / "llama"), "is inside --model_dir"),
 ]
+GGUF = lambda ws, name, out=None: ["--model_dir", str(ws.models[name]),  # noqa: E731
+                                   "--output", str(out or ws.root / "model.gguf")]
+GGUF_CASES = [
+    ("model_missing", lambda ws: ["--model_dir", str(ws.missing), "--output", str(ws.root / "m.gguf")],
+     "is not a directory"),
+    ("model_file", lambda ws: ["--model_dir", str(ws.file), "--output", str(ws.root / "m.gguf")], "is not a directory"),
+    ("model_empty", lambda ws: ["--model_dir", str(ws.root / "configs"), "--output", str(ws.root / "m.gguf")],
+     "has no config.json"),
+    ("weights_truncated", lambda ws: GGUF(ws, "gpt2_truncated"), "is not a readable safetensors file"),
+    ("config_list", lambda ws: GGUF(ws, "config_list"), "holds a JSON list"),
+    ("config_garbage", lambda ws: GGUF(ws, "config_garbage"), "is not readable JSON"),
+    ("nan_weights", lambda ws: GGUF(ws, "gpt2_nan"), "NaN or infinite weights, so it was not exported"),
+    ("governed_model", lambda ws: GGUF(ws, "good"), "cannot export to GGUF"),
+    ("out_folder", lambda ws: GGUF(ws, "gpt2", ws.root), "is a directory"),
+    ("out_parent_missing", lambda ws: GGUF(ws, "gpt2", ws.missing / "m.gguf"), "does not exist"),
+    ("out_under_file", lambda ws: GGUF(ws, "gpt2", ws.file / "m.gguf"), "is a file, not a directory"),
+    ("out_read_only", lambda ws: GGUF(ws, "gpt2", ws.ro / "empty" / "m.gguf"), "is not writable"),
+    ("dtype_unknown", lambda ws: [*GGUF(ws, "gpt2"), "--dtype", "q4_0"], "invalid choice"),
+]
 PACKAGING_CASES = [
     ("models_missing", lambda ws: ["--models_dir", str(ws.missing)], "is not a folder"),
     ("models_file", lambda ws: ["--models_dir", str(ws.file)], "is not a folder"),
@@ -402,6 +441,7 @@ CASES = [("mvlm_trainer.py", name, lambda ws, f=f: gpt2(ws, *f(ws)), needle) for
         [("validate_models.py", *case) for case in VALIDATE_CASES] + \
         [("prepare.py", *case) for case in PREPARE_CASES] + \
         [("export_llama.py", *case) for case in EXPORT_CASES] + \
+        [("export_gguf.py", *case) for case in GGUF_CASES] + \
         [("packaging", *case) for case in PACKAGING_CASES]
 
 
@@ -439,6 +479,7 @@ def test_bad_input_is_one_line_and_changes_nothing(cli, name, argv, needle, ws, 
     ("validate_models.py", ["--recall_verses", "0"], "--recall_verses must be > 0"),
     ("prepare.py", ["--from_verses", "/nonexistent/verses.jsonl"], "--from_verses needs"),
     ("export_llama.py", ["--model_dir", "/nonexistent", "--output_dir", "/tmp/x"], "is not a directory"),
+    ("export_gguf.py", ["--model_dir", "/nonexistent", "--output", "/tmp/x.gguf"], "is not a directory"),
     ("packaging", ["--models_dir", "/nonexistent"], "is not a folder"),
 ])
 def test_each_real_entry_point_answers_in_one_line(cli, argv, needle, tmp_path):

@@ -276,6 +276,38 @@ def test_step_guard_puts_back_parameters_and_optimizer_state_exactly():
     assert not fresh_optimizer.state
 
 
+def muon_training_state(optimizer="muon"):
+    """A module with Muon on its matrices and AdamW on its biases (an OptimizerSet), one step taken."""
+    from mvlm_engine.config import TrainConfig
+    from mvlm_engine.optim import build_optimizer
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    optimizer = build_optimizer(module, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    module(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return module, optimizer
+
+
+def test_the_guard_and_checkpoints_cover_each_optimizer_of_a_muon_set(tmp_path):
+    module, optimizer = muon_training_state()
+    guard = StepGuard(module, optimizer)
+    before = [t.clone() for t in guard._tensors()]
+    assert len(before) == 4 + 2 + 2 * 3  # 4 parameters, Muon's 2 momenta, AdamW's step and moments of 2 biases
+    guard.save()
+    module(torch.randn(4, 8)).sum().backward()
+    for group in optimizer.param_groups:
+        group["lr"] = float("inf")
+    optimizer.step()
+    assert not bool(guard.weights_finite(torch.device("cpu")))
+    guard.restore()
+    assert all(torch.equal(a, b) for a, b in zip(before, guard._tensors()))
+    folder = save(tmp_path / "step_000010", module, optimizer)
+    load(folder, *muon_training_state())
+    with pytest.raises(UserError, match="optimizer.pt was saved by another --optimizer"):
+        load(folder, *muon_training_state("adamw"))
+
+
 def test_a_step_that_makes_a_weight_non_finite_is_skipped(small_corpus, tmp_path, monkeypatch, capsys):
     from test_engine import run
     real_step, calls = torch.optim.AdamW.step, []
@@ -615,11 +647,11 @@ def test_packaging_and_the_llama_export_on_a_full_disk_are_one_line_and_leave_no
                                                                                        monkeypatch):
     from mvlm_engine.packaging import package_model, write_model_manifest
     from simone_transformer import SimOneConfig, SimOneModel
+    from simone_transformer.enhanced_model import LLAMA_VALUES
     from simone_transformer.hf_model import save_pretrained_dir
     from test_bad_inputs import load_script
     model_dir = tmp_path / "plain"
-    config = SimOneConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, policy_gate=False,
-                          memory_tokens=0)
+    config = SimOneConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, **LLAMA_VALUES)
     save_pretrained_dir(SimOneModel(config), model_dir)
     (model_dir / "padding.bin").write_bytes(os.urandom(5_000_000))  # does not compress: more than the disk holds
     write_model_manifest(model_dir)

@@ -17,7 +17,9 @@ weights whose rows are a whole number of 32-value blocks in Q8_0 and the rest in
 Norms, biases and GPT-2's position table always stay float32, as llama.cpp's converter does.
 
 The file is written beside the output under a temporary name and renamed at the end, so a
-failed export leaves nothing behind. Errors: one line on stderr, exit status 2.
+failed export leaves nothing behind (a killed export's temporary file is removed by the next
+one). A model with a NaN or infinite weight is refused. Errors: one line on stderr, exit status
+2 (1 for a full disk or an unwritable folder, 130/143 for SIGINT/SIGTERM).
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from mvlm_engine.errors import StorageError
+from mvlm_engine.fileio import ensure_free_space, remove_dead_staging, staging_path, storage_errors
 
 PROG = "export_gguf.py"
 DTYPES = ("f32", "f16", "q8_0")
@@ -469,7 +474,7 @@ def write_gguf(output: Path, arch: str, name: str, fill, tensors: dict[str, np.n
     """
     import gguf
 
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    tmp = staging_path(output)  # .NAME.PID@HOST.tmp: the next export removes it if this process dies
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         writer.add_name(name)
@@ -486,8 +491,10 @@ def write_gguf(output: Path, arch: str, name: str, fill, tensors: dict[str, np.n
         writer.close()
         os.replace(tmp, output)
     except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        try:
+            writer.close()  # may fail again on a full disk; the temporary file goes regardless
+        finally:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -496,13 +503,15 @@ def check_output(output: Path) -> None:
     if output.is_dir():
         raise ExportError(f"--output {output} is a directory; pass a file name such as model.gguf")
     if not output.parent.is_dir():
-        raise ExportError(f"--output {output}: directory {output.parent} does not exist")
+        state = "is a file, not a directory" if output.parent.exists() else "does not exist"
+        raise ExportError(f"--output {output}: directory {output.parent} {state}")
     if not os.access(output.parent, os.W_OK):
         raise ExportError(f"--output {output}: directory {output.parent} is not writable")
 
 
 def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
-    """Export `model_dir` to `output`; returns a one-line summary. Raises ExportError."""
+    """Export `model_dir` to `output`; returns a one-line summary. Raises ExportError (the input)
+    or StorageError (a full disk or an unwritable folder, checked before the write too)."""
     check_output(output)
     config = read_config(model_dir)
     architecture = architecture_of(config)
@@ -512,19 +521,30 @@ def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
         import gguf  # noqa: F401
     except ImportError:
         raise ExportError("the gguf package is not installed; pip install 'gguf>=0.16'") from None
-    weights = architecture.tensors(load_weights(model_dir / "model.safetensors"), hp)
-    tensors = gguf_named_tensors(weights, architecture.gguf_arch, hp)
+    raw = load_weights(model_dir / "model.safetensors")
+    refuse_non_finite(raw, model_dir)
+    tensors = gguf_named_tensors(architecture.tensors(raw, hp), architecture.gguf_arch, hp)
 
     def fill(writer):
         add_hparams(writer, architecture.gguf_arch, hp)
         add_tokenizer(writer, tokenizer)
 
-    try:
+    remove_dead_staging(output.parent)
+    needed = sum(t.nbytes for t in tensors.values()) // (1 if dtype == "f32" else 2) + (1 << 20)
+    ensure_free_space(output.parent, needed, f"the GGUF file {output.name}")
+    with storage_errors(output, "writing", needed):
         write_gguf(output, architecture.gguf_arch, model_dir.name, fill, tensors, dtype)
-    except OSError as err:
-        raise ExportError(f"cannot write {output}: {err.strerror or err}") from None
     return (f"wrote {output} ({architecture.gguf_arch}, {dtype}, {len(tensors)} tensors, "
             f"{output.stat().st_size:,} bytes)")
+
+
+def refuse_non_finite(weights: dict[str, np.ndarray], model_dir: Path) -> None:
+    """ExportError naming the last good checkpoint if any weight is NaN or infinite."""
+    bad = sum(int(np.count_nonzero(~np.isfinite(w))) for w in weights.values())
+    if bad:
+        from mvlm_engine.checkpoint import last_good_checkpoint
+        raise ExportError(f"--model_dir {model_dir} holds {bad:,} NaN or infinite weights, so it was not exported; "
+                          f"{last_good_checkpoint(model_dir / 'checkpoints')}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -545,16 +565,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for any problem with the input)."""
+    """Command-line entry point; returns the exit status (2 for a problem with the input, 1 for storage)."""
     args = parse_args(argv)
     try:
         summary = export(args.model_dir.expanduser(), args.output.expanduser(), args.dtype)
-    except ExportError as err:
+    except (ExportError, StorageError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, StorageError) else 2
     print(f"{PROG}: {summary}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mvlm_engine.cli import run_cli  # signals and unexpected storage failures: one line too
+
+    run_cli(PROG, main, sys.argv[1:])

@@ -26,9 +26,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mvlm_engine import cli  # noqa: E402
-from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting  # noqa: E402
+from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting, upper_limit_problems  # noqa: E402
 from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
-from mvlm_engine.errors import fail  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
@@ -72,13 +71,13 @@ class GPT2RunConfig(TrainConfig):
                    if getattr(shape, name) <= 0]
         if shape.n_head > 0 and shape.n_embd % shape.n_head:
             errors.append(f"--n_embd ({shape.n_embd}) must be divisible by --n_head ({shape.n_head})")
-        return errors
+        return errors + upper_limit_problems(shape, {"n_layer": 1024, "n_embd": 1 << 16, "n_head": 1024})
 
 
 def setup(argv=None) -> GPT2RunConfig:
     """Parse and check every argument; report all problems at once, before any work starts."""
     cfg = cli.parse_run_config(GPT2RunConfig, argv, PROG, __doc__)
-    fail(cli.data_dir_problems(cfg) + cli.output_dir_problems(cfg))
+    cli.claim_output_dir(cfg)  # checks the folders, then holds the output dir for this process
     return cfg
 
 

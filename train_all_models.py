@@ -12,6 +12,7 @@ Packaging runs before validation, so the validation report covers the archives t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import signal
@@ -26,9 +27,11 @@ from mvlm_engine.checkpoint import step_checkpoints
 from mvlm_engine.cli import parse_run_config, run_cli
 from mvlm_engine.config import setting
 from mvlm_engine.corpus import MANIFEST_NAME
-from mvlm_engine.errors import UserError
-from mvlm_engine.fileio import atomic_write_text
+from mvlm_engine.errors import StorageError, UserError
+from mvlm_engine.fileio import atomic_write_text, folder_problem, storage_errors, storage_message
+from mvlm_engine.locks import FileLock, in_use_message
 from mvlm_engine.logs import get_logger
+from mvlm_engine.packaging import MODEL_MANIFEST
 
 PROG = "train_all_models.py"
 REPO = Path(__file__).resolve().parent
@@ -40,6 +43,11 @@ class Trainer:
     folder: str  # under --models_dir
     script: Path
 
+
+# Trainer flags that the pipeline sets itself (or that would make a stage train nothing).
+PIPELINE_FLAGS = {"--preset", "--data_dir", "--output_dir", "--device", "--resume_from", "--overwrite",
+                  "--print_config", "--help", "-h"}
+PIPELINE_LOCK = ".pipeline.lock"
 
 # The pipeline's models, in training order: the one table of what there is to train.
 TRAINERS = {"gpt2": Trainer("mvlm_gpt2", REPO / "mvlm_trainer.py"),
@@ -59,6 +67,25 @@ class PipelineSettings:
     logs_dir: str = setting("logs", "one log per stage", path=True)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
     trainer_args: str = setting("", 'extra flags for both trainers, e.g. "--max_steps 100"')
+
+    def problems(self) -> list[str]:
+        """--trainer_args parses and leaves the pipeline's own flags alone; every folder can be written."""
+        errors = []
+        try:
+            words = shlex.split(self.trainer_args)
+        except ValueError as err:
+            words = []
+            errors.append(f"--trainer_args {self.trainer_args!r} cannot be parsed ({err}); quote it as one shell word")
+        owned = sorted({w.split("=", 1)[0] for w in words if w.split("=", 1)[0] in PIPELINE_FLAGS})
+        if owned:
+            errors.append(f"--trainer_args may not set {', '.join(owned)}: the pipeline sets it (use this script's "
+                          "own flags)")
+        for name in ("models_dir", "download_dir", "logs_dir"):
+            errors.append(folder_problem(Path(getattr(self, name)), f"--{name}"))
+        data = Path(self.data_dir)
+        if not (data / MANIFEST_NAME).is_file() and not self.skip_training:  # the corpus stage writes it
+            errors.append(folder_problem(data, "--data_dir"))
+        return [e for e in errors if e]
 
 
 class StageFailed(Exception):
@@ -86,17 +113,18 @@ def choose_preset(requested: str, device: str) -> tuple[str, str]:
 
 def run_stage(name: str, command: list, log_path: Path) -> None:
     """Run one stage, its output shown live and written to its log; never reads the keyboard."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     log.info(f"=== stage {name}: {' '.join(shlex.quote(str(c)) for c in command[1:])}")
     log.info(f"=== log: {log_path}")
-    with open(log_path, "ab") as stage_log:
+    with storage_errors(log_path, "opening the stage log"):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        stage_log = StageLog(open(log_path, "ab"), log_path)
+    with stage_log:
         stage_log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(map(str, command))}\n".encode())
         proc = subprocess.Popen([str(c) for c in command], cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):
                 stage_log.write(chunk)
-                stage_log.flush()
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
         except KeyboardInterrupt as stop:
@@ -110,20 +138,59 @@ def run_stage(name: str, command: list, log_path: Path) -> None:
         raise StageFailed(name, f"stage '{name}' failed with exit status {code}; see {log_path}")
 
 
+class StageLog:
+    """A stage's log file that never stops the pipeline: a failed write (full disk) is said once
+    and the stage goes on, shown live as before."""
+
+    def __init__(self, handle, path: Path):
+        self.handle, self.path, self.failed = handle, path, False
+
+    def write(self, data: bytes) -> None:
+        if self.failed:
+            return
+        try:
+            self.handle.write(data)
+            self.handle.flush()
+        except OSError as err:
+            self.failed = True
+            log.warning(f"WARNING: {storage_message(err, self.path)}; the stage goes on, shown here only")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self.handle.close()
+
+
 def training_state(out: Path, preset: str) -> str:
-    """done (a finished run of this preset), resume (checkpoints of an interrupted run) or fresh."""
-    summary, config = out / "run_summary.json", out / "train_config.json"
-    if summary.is_file() and config.is_file():
-        trained_preset = json.loads(config.read_text()).get("preset")
+    """done (a finished run of this preset), resume (checkpoints of an interrupted run) or fresh.
+    A finished model is never replaced without --retrain, whether or not its checkpoints remain."""
+    if (out / "run_summary.json").is_file():
+        trained_preset = read_json(out / "train_config.json").get("preset")
         if trained_preset == preset:
             return "done"
         raise UserError(f"{out} holds a finished '{trained_preset}' run, not '{preset}'; pass --retrain "
-                        "to replace it, or --preset " + str(trained_preset))
-    return "resume" if step_checkpoints(out / "checkpoints") else "fresh"
+                        f"to replace it, or --preset {trained_preset}")
+    if step_checkpoints(out / "checkpoints"):
+        return "resume"
+    if any((out / name).is_file() for name in (MODEL_MANIFEST, "model.safetensors")):
+        raise UserError(f"{out} holds a model but no run_summary.json or checkpoints to resume; pass --retrain to "
+                        "replace it")
+    return "fresh"
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing or damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def training_metrics(out: Path) -> dict:
-    run = json.loads((out / "run_summary.json").read_text())
+    run = read_json(out / "run_summary.json")
     return {key: run.get(key) for key in ("steps", "tokens_seen", "final_val_loss", "final_val_bpb", "device",
                                           "precision", "wall_seconds_this_process")}
 
@@ -149,6 +216,14 @@ class Pipeline:
             {"stage": stage, "status": status, "seconds": round(time.time() - started, 1),
              "log": str(self.path("logs_dir") / f"{stage}.log"), **extra})
         atomic_write_text(self.path("models_dir") / "training_summary.json", json.dumps(self.summary, indent=1) + "\n")
+
+    def record_failure(self, stage: str) -> str:
+        """Record a failed stage; '' or, when even that cannot be written, why (for the one line)."""
+        try:
+            self.record(stage, "failed", self.started)
+        except StorageError as err:
+            return f" (training_summary.json not updated: {err})"
+        return ""
 
     def corpus(self) -> None:
         started, data_dir = self.begin(), self.path("data_dir")
@@ -193,9 +268,14 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     settings = parse_run_config(PipelineSettings, argv, PROG, __doc__)
     preset, reason = choose_preset(settings.preset, settings.device)
-    log.info(f"preset {preset}: {reason}")
     pipeline = Pipeline(settings, preset, {"preset": preset, "preset_reason": reason, "stages": []})
-    pipeline.path("models_dir").mkdir(parents=True, exist_ok=True)
+    lock = FileLock(pipeline.path("models_dir") / PIPELINE_LOCK, f"{PROG} pipeline")
+    with storage_errors(pipeline.path("models_dir"), "creating"):
+        pipeline.path("models_dir").mkdir(parents=True, exist_ok=True)
+    holder = lock.try_acquire()
+    if holder is not None:
+        raise UserError(in_use_message(pipeline.path("models_dir"), holder))
+    log.info(f"preset {preset}: {reason}")
     models = [settings.only] if settings.only else list(TRAINERS)
     try:
         if not settings.skip_training:
@@ -205,8 +285,7 @@ def main(argv=None) -> None:
         pipeline.package(models)
         pipeline.validate(models)
     except StageFailed as err:
-        pipeline.record(err.stage, "failed", pipeline.started)
-        print(f"{PROG}: {err}", file=sys.stderr)
+        print(f"{PROG}: {err}{pipeline.record_failure(err.stage)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the running stage saved a checkpoint if it was training. Run the same "

@@ -38,12 +38,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mvlm_engine.cli import parse_run_config, run_cli  # noqa: E402
-from mvlm_engine.config import setting  # noqa: E402
+from mvlm_engine.config import setting, upper_limit_problems  # noqa: E402
 from mvlm_engine.corpus import load_corpus  # noqa: E402
 from mvlm_engine.errors import UserError  # noqa: E402
 from mvlm_engine.evaluation import evaluate  # noqa: E402
-from mvlm_engine.fileio import atomic_write_text  # noqa: E402
+from mvlm_engine.fileio import atomic_write_text, folder_problem  # noqa: E402
 from mvlm_engine.isolation import load_in_clean_interpreter  # noqa: E402
+from mvlm_engine.locks import lock_folder  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.packaging import (MODEL_MANIFEST, archive_listing, check_model_manifest,  # noqa: E402
                                    check_sha256sums)
@@ -76,8 +77,14 @@ class ValidationSettings:
     json: bool = setting(False, "print the JSON report to stdout")
 
     def problems(self) -> list[str]:
-        return [f"--{name} must be > 0 (got {getattr(self, name)})"
-                for name in ("eval_windows", "recall_verses", "retrieval_pairs") if getattr(self, name) <= 0]
+        errors = [f"--{name} must be > 0 (got {getattr(self, name)})"
+                  for name in ("eval_windows", "recall_verses", "retrieval_pairs") if getattr(self, name) <= 0]
+        errors += upper_limit_problems(self, {"eval_windows": 10 ** 6, "recall_verses": 10 ** 5,
+                                              "retrieval_pairs": 10 ** 5})
+        errors += [f"--names: {name!r} is not a folder name" for name in self.names
+                   if not name or Path(name).name != name or name in (".", "..")]
+        problem = folder_problem(Path(self.models_dir), "--models_dir")
+        return errors + ([problem] if problem else [])
 
 
 class Report:
@@ -106,7 +113,8 @@ class LoadedModel:
 
         self.config = json.loads((folder / "config.json").read_text())
         self.remote = "auto_map" in self.config
-        self.hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.remote, dtype=torch.float32)
+        self.hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.remote, dtype=torch.float32,
+                                                       use_safetensors=True)  # never a pickled .bin
         self.hf.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=self.remote)
         self.device = device
@@ -241,10 +249,16 @@ def validate_model(folder: Path, corpus, train_verses, val_verses, device, args)
     report = Report(folder.name)
     problems = check_model_manifest(folder, REQUIRED)
     report.check("integrity", not problems, "; ".join(problems) or f"{folder}: every file matches {MODEL_MANIFEST}")
-    report.metrics["sizes"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    report.metrics["sizes"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                               if p.is_file() and not p.name.startswith(".")}
     if problems:
         return report  # loading a damaged model would only repeat the same failure
-    model = LoadedModel(folder, device)
+    try:
+        model = LoadedModel(folder, device)
+    except Exception as err:  # noqa: BLE001  (a damaged folder fails this check; it must not crash the run)
+        report.check("loading", False, f"{folder}: cannot be loaded ({type(err).__name__}: "
+                                       f"{(str(err).splitlines() or [''])[0][:200]})")
+        return report
     check_loading_alone(report, folder, model)
     check_generation(report, folder, model)
     check_quality(report, folder, model, corpus, args)
@@ -373,6 +387,7 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     models_dir = Path(args.models_dir)
     folders = model_folders(models_dir, args.names)
+    locks = [lock_folder(folder, "validate_models.py validation") for folder in folders]  # noqa: F841 (held)
     corpus = load_corpus(args.data_dir)
     train_verses, val_verses = ParallelVerses(args.data_dir, "train"), ParallelVerses(args.data_dir, "val")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

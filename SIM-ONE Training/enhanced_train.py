@@ -24,7 +24,6 @@ apply_training_env()  # before torch initialises CUDA
 
 from mvlm_engine import cli  # noqa: E402
 from mvlm_engine.corpus import VERSES_NAME  # noqa: E402
-from mvlm_engine.errors import fail  # noqa: E402
 from mvlm_engine.runtime import start_runtime, stop_runtime  # noqa: E402
 from prioritary_mvlm.config import PrioritaryConfig  # noqa: E402
 from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer  # noqa: E402
@@ -35,12 +34,12 @@ PROG = "enhanced_train.py"
 def setup(argv=None) -> PrioritaryConfig:
     """Parse and check every argument; report all problems at once, before any work starts."""
     cfg = cli.parse_run_config(PrioritaryConfig, argv, PROG, __doc__)
-    errors = cli.data_dir_problems(cfg) + cli.output_dir_problems(cfg)
+    errors = []
     verses = Path(cfg.data_dir) / VERSES_NAME
     if cfg.alignment_weight > 0 and Path(cfg.data_dir).is_dir() and not verses.is_file():
         errors.append(f"{verses} is missing but the alignment loss needs its parallel verses; rebuild the "
                       "corpus with prepare.py or pass --alignment_weight 0")
-    fail(errors)
+    cli.claim_output_dir(cfg, errors)  # checks the folders too, then holds the output dir for this process
     return cfg
 
 

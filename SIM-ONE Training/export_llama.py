@@ -6,20 +6,22 @@
 Only a model with every governance mechanism off is numerically a Llama model, so anything
 else is refused in one line naming the mechanism (simone_transformer/llama_export.py says
 which). Tokenizer files are copied along. The output is written to a temporary sibling
-directory and renamed into place, so a failed export leaves nothing half-written.
-Errors: one line, exit status 2.
+directory and renamed into place, so a failed export leaves nothing half-written (a killed
+export's staging folder is removed by the next export). A model with a NaN or infinite weight
+is refused. Errors: one line, exit status 2 (1 for a full disk or an unwritable folder).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from mvlm_engine.checkpoint import step_checkpoints
 from mvlm_engine.cli import OneLineParser, run_cli
 from mvlm_engine.errors import UserError
+from mvlm_engine.fileio import (ensure_free_space, folder_problem, remove_dead_staging, staging_path,
+                                storage_errors)
 
 PROG = "export_llama.py"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -33,6 +35,11 @@ def check_paths(model_dir: Path, output_dir: Path) -> None:
             raise UserError(f"--model_dir {model_dir} has no {name}; pass a directory written by save_pretrained_dir")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"--output_dir {output_dir} exists and is not empty; choose a new directory")
+    problem = folder_problem(output_dir, "--output_dir")
+    if problem:
+        raise UserError(problem)
+    if output_dir == model_dir or model_dir in output_dir.parents:
+        raise UserError(f"--output_dir {output_dir} is inside --model_dir {model_dir}; choose another directory")
 
 
 def load_llama(model_dir: Path):
@@ -47,17 +54,33 @@ def load_llama(model_dir: Path):
         raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         special_ids = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
         state = {k.removeprefix("model."): v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    except Exception as err:  # noqa: BLE001  (json, safetensors and the config check raise many types)
+        first_line = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"--model_dir {model_dir} cannot be read ({type(err).__name__}: {first_line})") from None
+    refuse_non_finite(model_dir, state)
+    try:
         return to_llama(config, state, special_ids)
-    except (ValueError, json.JSONDecodeError, OSError, AttributeError) as err:
+    except (ValueError, TypeError, RuntimeError) as err:
         first_line = (str(err).splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"--model_dir {model_dir}: {first_line}") from None
+
+
+def refuse_non_finite(model_dir: Path, state: dict) -> None:
+    import torch
+
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in state.values() if t.is_floating_point())
+    if bad:
+        found = step_checkpoints(model_dir / "checkpoints")
+        last = f"the last checkpoint is {found[-1]}" if found else "it has no checkpoints"
+        raise UserError(f"--model_dir {model_dir} holds {bad:,} NaN or infinite weights, so it was not exported; {last}")
 
 
 def keep_rope_theta_for_transformers4(config_path: Path) -> None:
     """transformers 5 saves rope_theta only inside rope_parameters; 4.x reads the top-level key
     and silently falls back to 10000 without it. transformers 5 ignores the extra key."""
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    if "rope_theta" in config.get("rope_parameters", {}):  # transformers 4.x writes the top-level key itself
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -67,20 +90,25 @@ def export(model_dir: Path, output_dir: Path) -> None:
     llama = load_llama(model_dir)
     from transformers import GenerationConfig
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    with storage_errors(output_dir.parent, "creating"):
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(output_dir.parent)
+    needed = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
+    ensure_free_space(output_dir.parent, needed, f"the export {output_dir.name}")
+    staging = staging_path(output_dir)
     try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a model folder is for sharing
-        llama.save_pretrained(staging)
-        keep_rope_theta_for_transformers4(staging / "config.json")
-        if (model_dir / "generation_config.json").is_file():
-            GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, staging / name)
-        if output_dir.exists():
-            output_dir.rmdir()  # empty, checked above
-        staging.rename(output_dir)
+        with storage_errors(staging, "writing the export", needed):
+            staging.mkdir()
+            llama.save_pretrained(staging)
+            keep_rope_theta_for_transformers4(staging / "config.json")
+            if (model_dir / "generation_config.json").is_file():
+                GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
+            for name in TOKENIZER_FILES:
+                if (model_dir / name).is_file():
+                    shutil.copyfile(model_dir / name, staging / name)
+            if output_dir.exists():
+                output_dir.rmdir()  # empty, checked above
+            staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

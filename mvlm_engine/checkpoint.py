@@ -9,9 +9,14 @@
     config.json           the resolved configuration
 The folder is filled under a temporary name, fsynced and renamed, so a folder with the final
 name is always complete. The last `keep` step folders and `best_model/` are kept.
+
+A checkpoint is never written with a NaN or infinite weight, nor started without the free
+space it needs. model.safetensors records the step and the hash of trainer_state.json, so an
+edited trainer state is refused on load; every file is checked when it is read back.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,14 +26,17 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-from .fileio import fsync_dir
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
+from .fileio import ensure_free_space, fsync_dir, storage_errors
+from .optim import optimizers_of
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST = "best_model"
 REQUIRED = ("model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json", "config.json")
+TRAINER_STATE_SHA = "trainer_state_sha256"
 
 
 def _fsync_file(path: Path) -> None:
@@ -52,24 +60,81 @@ def restore_rng(tensors: dict, plain: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def state_bytes(module: torch.nn.Module, optimizer) -> int:
+    """About how many bytes a checkpoint of `module` and `optimizer` takes on disk."""
+    tensors = list(module.state_dict().values())
+    tensors += [t for o in optimizers_of(optimizer) for state in o.state.values() for t in state.values()
+                if torch.is_tensor(t)]
+    unique = {(t.device, t.data_ptr()): t for t in tensors}.values()  # tied weights are saved once
+    return sum(t.numel() * t.element_size() for t in unique) + (1 << 20)
+
+
+def non_finite_values(module: torch.nn.Module) -> int:
+    """How many weights (parameters and floating buffers) are NaN or infinite; 0 costs one pass."""
+    tensors = [t.detach() for t in module.state_dict().values() if t.is_floating_point() and t.numel()]
+    if not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()):
+        return 0
+    return int(sum((~torch.isfinite(t)).sum().item() for t in tensors))
+
+
+def last_good_checkpoint(root: Path) -> str:
+    found = step_checkpoints(root)
+    return f"the last good checkpoint is {found[-1]}" if found else f"no checkpoint was written yet in {root}"
+
+
+def refuse_non_finite(module: torch.nn.Module, what: str, root: Path) -> None:
+    """TrainingDiverged naming the last good checkpoint if any weight of `module` is not finite."""
+    bad = non_finite_values(module)
+    if bad:
+        total = sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
+        raise TrainingDiverged(f"{bad:,} of {total:,} weights are NaN or infinite, so {what} was not written; "
+                               f"{last_good_checkpoint(root)} (resume from it with a lower --learning_rate)")
+
+
 def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, trainer_state: dict,
                     config: dict) -> Path:
-    """Write a complete checkpoint to `folder` atomically (replacing an older one of that name)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    """Write a complete checkpoint to `folder` atomically (replacing an older one of that name).
+
+    Refused (TrainingDiverged) when a weight is not finite, and (StorageError) when the disk
+    cannot hold it; either way nothing earlier is touched.
+    """
+    refuse_non_finite(module, f"checkpoint {folder.name}", folder.parent)
+    needed = state_bytes(module, optimizer)
+    ensure_free_space(folder.parent, needed, f"checkpoint {folder.name}",
+                      f"; free some space, then continue with --resume_from latest "
+                      f"({last_good_checkpoint(folder.parent)})")
     tmp = folder.with_name(f".tmp-{folder.name}")
+    try:
+        with storage_errors(tmp, "writing checkpoint", needed):
+            write_checkpoint_files(tmp, module, optimizer, scaler, trainer_state, config)
+            swap_into_place(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # its space back; the earlier checkpoints are untouched
+        raise
+    return folder
+
+
+def write_checkpoint_files(tmp: Path, module, optimizer, scaler, trainer_state: dict, config: dict) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(module, str(tmp / "model.safetensors"))
+    tensors, plain = rng_states()
+    state_text = json.dumps({**trainer_state, "rng": plain}, indent=1)
+    # The weights file records the step and the trainer state's hash: an edited trainer_state.json is refused.
+    save_model(module, str(tmp / "model.safetensors"),
+               metadata={"step": str(trainer_state.get("step")), TRAINER_STATE_SHA: sha256_text(state_text)})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scaler is not None and scaler.is_enabled():
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    tensors, plain = rng_states()
     torch.save(tensors, tmp / "rng_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "rng": plain}, indent=1))
+    (tmp / "trainer_state.json").write_text(state_text)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     for path in tmp.iterdir():
         _fsync_file(path)
     fsync_dir(tmp)
+
+
+def swap_into_place(tmp: Path, folder: Path) -> None:
     if folder.exists():
         old = folder.with_name(f".old-{folder.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -79,7 +144,10 @@ def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, tr
     else:
         os.replace(tmp, folder)
     fsync_dir(folder.parent)
-    return folder
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def step_checkpoints(root: Path) -> list[Path]:
@@ -137,35 +205,117 @@ def resolve_resume(spec: str, checkpoints_root: Path) -> Path:
 def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, tokenizer_hash: str) -> dict:
     """Restore weights, optimizer, scaler and RNG in place; return the trainer state.
 
-    A checkpoint of another tokenizer is refused before any tensor is read.
+    Every file is checked, not trusted: a checkpoint of another tokenizer is refused before any
+    tensor is read, and a damaged, edited or non-finite one is refused in one line.
     """
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise UserError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
                         "resume from another checkpoint")
-    try:
-        saved_hash = json.loads((folder / "trainer_state.json").read_text()).get("tokenizer_hash")
-    except (OSError, json.JSONDecodeError):
-        saved_hash = None  # reported as corrupt below
-    if saved_hash is not None and saved_hash != tokenizer_hash:
+    state_text, state = read_trainer_state(folder)
+    if state.get("tokenizer_hash") not in (None, tokenizer_hash):
         raise UserError(f"checkpoint {folder} was trained with another tokenizer than this run's; resume with the "
                         "same --data_dir and --vocab_size, or start a new --output_dir")
     try:
+        check_weights_metadata(folder, state_text, state["step"])
         result = load_model(module, str(folder / "model.safetensors"), strict=True)
         if result and any(result):
             raise ValueError(f"mismatched keys: {result}")
         # map_location cpu: every rank reads rank 0's file; load_state_dict moves the optimizer
         # state to each parameter's own device.
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        saved_optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        check_optimizer_state(saved_optimizer, optimizer)
+        optimizer.load_state_dict(saved_optimizer)
         if scaler is not None and scaler.is_enabled() and (folder / "scaler.pt").is_file():
             scaler.load_state_dict(torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True))
-        tensors = torch.load(folder / "rng_state.pt", map_location="cpu", weights_only=True)
-        state = json.loads((folder / "trainer_state.json").read_text())
+        restore_rng(torch.load(folder / "rng_state.pt", map_location="cpu", weights_only=True), state.pop("rng"))
     except UserError:
         raise
-    except Exception as err:  # safetensors, torch.load and json raise many types on corrupt files
+    except Exception as err:  # noqa: BLE001  (safetensors, torch.load and json raise many types on corrupt files)
         first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"checkpoint {folder} is corrupt or does not match this model ({first_line}); "
                         "resume from another checkpoint") from None
-    restore_rng(tensors, state.pop("rng"))
+    if non_finite_values(module):
+        raise UserError(f"checkpoint {folder} holds NaN or infinite weights; resume from an earlier checkpoint")
     return state
+
+
+STATE_TYPES = {"step": int, "best_val_loss": float, "bad_steps": int, "data": dict, "rng": dict}
+
+
+def read_trainer_state(folder: Path) -> tuple[str, dict]:
+    """trainer_state.json's text and its checked contents, or a one-line UserError."""
+    try:
+        text = (folder / "trainer_state.json").read_text(encoding="utf-8")
+        state = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {folder}: trainer_state.json is unreadable ({type(err).__name__}); "
+                        "resume from another checkpoint") from None
+    problems = trainer_state_problems(state, folder)
+    if problems:
+        raise UserError(f"checkpoint {folder}: trainer_state.json is damaged ({'; '.join(problems)}); "
+                        "resume from another checkpoint")
+    return text, state
+
+
+def trainer_state_problems(state, folder: Path) -> list[str]:
+    if not isinstance(state, dict):
+        return ["not a JSON object"]
+    problems = [f"'{key}' is missing" for key in STATE_TYPES if key not in state]
+    for key, kind in STATE_TYPES.items():
+        value = state.get(key)
+        fits = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if key in state and (not fits or isinstance(value, bool) or (kind is not dict and value != value)):
+            problems.append(f"'{key}' is not {'an' if kind is int else 'a'} {kind.__name__}")
+    if not problems:
+        python_rng = state["rng"].get("python")
+        if not (isinstance(python_rng, list) and len(python_rng) == 3 and isinstance(python_rng[1], list)):
+            problems.append("'rng' has no Python generator state")
+        if state["step"] < 0 or state["bad_steps"] < 0:
+            problems.append("'step' and 'bad_steps' must be >= 0")
+        named = STEP_DIR.match(folder.name)
+        if named and int(named.group(1)) != state["step"]:
+            problems.append(f"'step' is {state['step']} in the folder of step {int(named.group(1))}")
+    if not isinstance(state.get("tokenizer_hash", ""), str):
+        problems.append("'tokenizer_hash' is not a string")
+    return problems
+
+
+def check_weights_metadata(folder: Path, state_text: str, step: int) -> None:
+    """The step and trainer-state hash recorded in model.safetensors must match (older
+    checkpoints without them are accepted)."""
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+    if TRAINER_STATE_SHA in metadata and metadata[TRAINER_STATE_SHA] != sha256_text(state_text):
+        raise UserError(f"checkpoint {folder}: trainer_state.json was changed after the checkpoint was written "
+                        "(its hash differs from the one in model.safetensors); resume from another checkpoint")
+    if "step" in metadata and metadata["step"] != str(step):
+        raise UserError(f"checkpoint {folder}: trainer_state.json says step {step}, model.safetensors step "
+                        f"{metadata['step']}; resume from another checkpoint")
+
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def check_optimizer_state(saved, optimizer) -> None:
+    """The saved optimizer state fits this optimizer (each of an OptimizerSet's in turn): same
+    groups and sizes, moments shaped like their parameters (load_state_dict checks the groups only)."""
+    optimizers = optimizers_of(optimizer)
+    if len(optimizers) > 1 or (isinstance(saved, dict) and "optimizers" in saved):
+        parts = saved.get("optimizers") if isinstance(saved, dict) else None
+        if not isinstance(parts, list) or len(parts) != len(optimizers):
+            raise ValueError("optimizer.pt was saved by another --optimizer")
+        for part, one in zip(parts, optimizers):
+            check_optimizer_state(part, one)
+        return
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or \
+            not isinstance(saved.get("param_groups"), list):
+        raise ValueError("optimizer.pt is not an optimizer state")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group.get("params", [])]
+    if len(ids) != len(params):
+        raise ValueError(f"optimizer.pt has {len(ids)} parameters, the model {len(params)}")
+    for index, param in zip(ids, params):
+        for key, value in saved["state"].get(index, {}).items():
+            if key in MOMENT_KEYS and (not torch.is_tensor(value) or value.shape != param.shape):
+                raise ValueError(f"optimizer.pt: {key} of parameter {index} does not fit its shape {tuple(param.shape)}")

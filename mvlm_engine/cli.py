@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -13,7 +14,14 @@ from typing import Any, Literal
 from .checkpoint import resolve_resume, step_checkpoints
 from .config import TrainConfig, build_config, config_dict, flatten, leaf_default, leaves, union_members
 from .env import REPO_ROOT
-from .errors import TrainingDiverged, TrainingInterrupted, UserError
+from .errors import StorageError, TrainingDiverged, TrainingInterrupted, UserError, fail
+from .fileio import folder_problem, storage_message
+from .locks import FileLock, folder_holder, in_use_message, lock_folder
+from .packaging import MODEL_MANIFEST
+from .stopping import STOP
+
+# A folder holding any of these holds a finished (or exported) model.
+FINISHED_MARKERS = ("run_summary.json", MODEL_MANIFEST, "model.safetensors")
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line ('prog: error: ...', exit 2), like every other error here."""
@@ -114,14 +122,34 @@ def parse_run_config(cls: type, argv, prog: str, description: str):
     return cfg
 
 
+def cache_folder(cfg: TrainConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data_dir) / ".cache"
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def output_dir_problems(cfg: TrainConfig) -> list[str]:
-    """Refuse to write into a file or over an earlier run's checkpoints; check --resume_from."""
+    """Refuse a folder that is a file, unwritable, inside the corpus or cache, or that holds an
+    earlier run's checkpoints or finished model (unless resumed or --overwrite); check --resume_from."""
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        return [f"--output_dir {out} is a file; choose a folder"]
-    if step_checkpoints(out / "checkpoints") and not cfg.resume_from and not cfg.overwrite:
-        return [f"--output_dir {out} already holds checkpoints of a run; continue it with "
-                "--resume_from latest, or pass --overwrite to start over"]
+    problem = folder_problem(out, "--output_dir")
+    if problem:
+        return [problem]
+    for flag, folder in (("the corpus folder --data_dir", Path(cfg.data_dir)), ("the cache folder", cache_folder(cfg))):
+        if is_inside(out, folder):
+            return [f"--output_dir {out} is or is inside {flag} {folder.resolve()}; the model's files must not mix with "
+                    "it: choose another --output_dir"]
+    if not cfg.resume_from and not cfg.overwrite:
+        if step_checkpoints(out / "checkpoints"):
+            return [f"--output_dir {out} already holds checkpoints of a run; continue it with "
+                    "--resume_from latest, or pass --overwrite to start over"]
+        finished = [name for name in FINISHED_MARKERS if (out / name).is_file()]
+        if finished:
+            return [f"--output_dir {out} already holds a finished model ({', '.join(finished)}); pass --overwrite to "
+                    "replace it, or choose another --output_dir"]
     return resume_problems(cfg)
 
 
@@ -136,32 +164,77 @@ def resume_problems(cfg: TrainConfig) -> list[str]:
 
 
 def data_dir_problems(cfg: TrainConfig) -> list[str]:
+    """The corpus folder exists; the cache folder can be written."""
     data = Path(cfg.data_dir)
     if not data.is_dir():
-        return [f"--data_dir {data} does not exist; build the corpus with "
+        return [f"--data_dir {data} {'is not a folder' if data.exists() else 'does not exist'}; build the corpus with "
                 "python3 mvlm_training_dataset_complete/prepare.py"]
-    return []
+    flag = "--cache_dir" if cfg.cache_dir else "the default cache folder"
+    problem = folder_problem(cache_folder(cfg), flag)
+    return [problem + ("" if cfg.cache_dir else "; pass --cache_dir to a writable folder")] if problem else []
+
+
+HELD: dict[Path, FileLock] = {}  # the output dirs this process holds, for its whole life
+
+
+def claim_output_dir(cfg: TrainConfig, problems: list[str] = ()) -> None:
+    """Check the corpus and output folders (reporting them with a trainer's own `problems`), then
+    take the output dir's lock (rank 0; one writer per folder) and check it again under the lock:
+    another run may have finished meanwhile."""
+    out = Path(cfg.output_dir).resolve()
+    main_process = int(os.environ.get("RANK", 0)) == 0 and out not in HELD
+    holder = folder_holder(out) if main_process and out.is_dir() else None
+    if holder is not None:
+        raise UserError(in_use_message(out, holder))  # first: the folder's state is the holder's to change
+    fail(list(problems) + data_dir_problems(cfg) + output_dir_problems(cfg))
+    if main_process:
+        HELD[out] = lock_folder(out, f"{Path(sys.argv[0]).name} training")
+        fail(output_dir_problems(cfg))
 
 
 def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
     """Run `main(argv)` and exit with its status. Errors become one line on stderr: bad input
-    exits 2, a diverged run or a storage error 1, a signal 128 + n; never a traceback for these."""
+    exits 2, a diverged run, a storage error or running out of memory 1, a signal 128 + n;
+    never a traceback for these. SIGINT/SIGTERM stop at once unless the work defers them
+    (stopping.STOP). After a stop, the handler stays until the process ends, so that an impatient
+    repeat can neither replace the stop's line nor print a traceback on the way out."""
+    installed = STOP.install()
     try:
         status = main(argv)
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        status = 2
-    except TrainingDiverged as err:
-        print(f"{prog}: training diverged: {err}", file=sys.stderr)
-        status = 1
-    except TrainingInterrupted as stop:
-        print(f"{prog}: {stop}", file=sys.stderr)
-        status = stop.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        status = 130
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"{prog}: error: {err.strerror or err}{where}", file=sys.stderr)
-        status = 1
+    except BaseException as err:  # noqa: BLE001  (re-raised below unless it is one of ours)
+        line, status = error_line(err)
+        if line is None:
+            raise
+        close_progress_bars()  # so that a bar's last redraw cannot land on the error line
+        print(f"{prog}: {line}", file=sys.stderr)
+    finally:
+        if installed and not STOP.stopping:
+            STOP.uninstall()
     sys.exit(status or 0)
+
+
+def close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
+
+
+def error_line(err: BaseException) -> tuple[str | None, int]:
+    """(the one line, exit status) for the errors run_cli reports; (None, 0) for anything else."""
+    if isinstance(err, UserError):
+        return f"error: {err}", 2
+    if isinstance(err, TrainingDiverged):
+        return f"training diverged: {err}", 1
+    if isinstance(err, StorageError):
+        return f"error: {err}", 1
+    if isinstance(err, TrainingInterrupted):
+        return str(err), err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return (str(err) or "interrupted"), getattr(err, "exit_code", 130)
+    if isinstance(err, OSError):
+        return f"error: {storage_message(err, Path(err.filename or '?'), 'with')}", 1
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
+            text in str(err) for text in ("out of memory", "can't allocate memory"))):
+        return ("error: out of memory (" + (str(err).splitlines() or ["MemoryError"])[0][:160] +
+                "); lower --batch_size, --block_size or the model size"), 1
+    return None, 0

@@ -107,7 +107,7 @@ class TrainConfig:
                   if getattr(self, name) <= 0]
         errors += [f"--{name} must be >= 0 (got {getattr(self, name)})" for name in
                    ("max_steps", "warmup_steps", "weight_decay", "grad_clip") if getattr(self, name) < 0]
-        if self.num_epochs <= 0 and self.max_steps == 0:
+        if self.num_epochs <= 0:  # checked even when --max_steps makes it unused
             errors.append(f"--num_epochs must be > 0 (got {self.num_epochs})")
         errors += [f"--{name} must be > 0 (got {getattr(self, name)})"
                    for name in ("learning_rate", "muon_lr", "head_lr", "scalar_lr")
@@ -122,9 +122,29 @@ class TrainConfig:
             errors.append(f"--min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("beta1", "beta2")
                    if not 0 <= getattr(self, name) < 1]
-        if self.vocab_size > 1 << 32:
-            errors.append("--vocab_size is too large")
-        return errors
+        if not 0 <= self.seed < 1 << 32:
+            errors.append(f"--seed must be in [0, {(1 << 32) - 1}] (got {self.seed})")
+        if 0 < self.vocab_size < MIN_VOCAB:
+            errors.append(f"--vocab_size must be >= {MIN_VOCAB}: the 256 byte tokens and the end-of-text token "
+                          f"(got {self.vocab_size})")
+        return errors + upper_limit_problems(self, TRAIN_LIMITS)
+
+
+MIN_VOCAB = 257
+# Upper limits: past these a run cannot work on any machine (or a number is a typo).
+TRAIN_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 16, "batch_size": 1 << 16,
+                "gradient_accumulation_steps": 1 << 16, "num_epochs": 1e6, "max_steps": 10 ** 9,
+                "learning_rate": 1.0, "head_lr": 1.0, "scalar_lr": 1.0, "muon_lr": 10.0, "muon_weight_decay": 1.0,
+                "warmup_steps": 10 ** 9, "weight_decay": 1.0, "grad_clip": 1e6,
+                "log_interval": 10 ** 9, "eval_interval": 10 ** 9, "eval_windows": 10 ** 6, "save_interval": 10 ** 9,
+                "keep_checkpoints": 10 ** 4, "max_bad_steps": 10 ** 6}
+
+
+def upper_limit_problems(owner, limits: dict[str, float]) -> list[str]:
+    """'--name must be <= limit' for each attribute of `owner` above its limit (None: unset, fine)."""
+    return [f"--{name} must be <= {limit:,} (got {getattr(owner, name)})" if isinstance(limit, int) else
+            f"--{name} must be <= {limit:g} (got {getattr(owner, name)})" for name, limit in limits.items()
+            if getattr(owner, name) is not None and getattr(owner, name) > limit]
 
 
 # --------------------------------------------------------------------------- the settings tree

@@ -84,6 +84,11 @@ class BlockSampler:
                 "global_batch": self.global_batch, "block_size": self.block_size}
 
     def load_state_dict(self, state: dict) -> None:
+        keys = ("epoch", "position", "seed", "global_batch", "block_size")
+        if not isinstance(state, dict) or not all(
+                isinstance(state.get(k), int) and not isinstance(state[k], bool) and state[k] >= 0 for k in keys):
+            raise UserError(f"the checkpoint's data position is damaged (it needs {', '.join(keys)} as counts); "
+                            "resume from another checkpoint")
         if (state["global_batch"], state["block_size"]) != (self.global_batch, self.block_size):
             raise UserError(f"the checkpoint was written with global batch {state['global_batch']} and "
                             f"block size {state['block_size']}; resume with the same --batch_size x "

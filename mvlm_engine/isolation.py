@@ -31,7 +31,8 @@ CLEAN_LOAD = ISOLATE_FROM_REPO + r"""
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, remote, prompt, new_tokens = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32,
+                                             use_safetensors=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
 ids = tokenizer(prompt, return_tensors="pt").input_ids
 with torch.no_grad():

@@ -14,7 +14,9 @@ import os
 import tarfile
 from pathlib import Path
 
-from .fileio import atomic_write_text, sha256_file
+from .errors import UserError
+from .fileio import (atomic_write_text, ensure_free_space, folder_problem, remove_dead_staging, sha256_file,
+                     staging_path, storage_errors)
 from .logs import get_logger
 
 log = get_logger("package")
@@ -25,9 +27,10 @@ SUMS_NAME = "SHA256SUMS"
 
 
 def model_files(model_dir: Path) -> list[Path]:
-    """The final model's files: every top-level file except the manifest itself."""
-    return sorted(p for p in model_dir.iterdir()
-                  if p.is_file() and p.name != MODEL_MANIFEST and not p.name.endswith(".tmp"))
+    """The final model's files: every top-level file except the manifest itself, hidden files
+    (the folder's .lock) and staging files."""
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != MODEL_MANIFEST
+                  and not p.name.startswith(".") and not p.name.endswith(".tmp"))
 
 
 def write_model_manifest(model_dir: Path) -> dict:
@@ -61,18 +64,27 @@ def check_model_manifest(model_dir: Path, required: tuple[str, ...]) -> list[str
 
 def package_model(model_dir: Path, archive: Path) -> Path:
     """A reproducible .tar.gz of the final model (same files, same bytes, same archive)."""
-    archive.parent.mkdir(parents=True, exist_ok=True)
+    with storage_errors(archive.parent, "creating"):
+        archive.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(archive.parent)
     members = [p for p in sorted(model_dir.iterdir()) if p.is_file() and p.name not in NOT_PACKAGED
-               and not p.name.endswith(".tmp")]
-    tmp = archive.with_name(archive.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped, \
-            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in members:
-            info = tar.gettarinfo(str(path), arcname=f"{model_dir.name}/{path.name}")
-            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
-            with open(path, "rb") as handle:
-                tar.addfile(info, handle)
-    os.replace(tmp, archive)
+               and not p.name.startswith(".") and not p.name.endswith(".tmp")]
+    needed = sum(p.stat().st_size for p in members)  # at most; gzip makes it smaller
+    ensure_free_space(archive.parent, needed, f"the archive {archive.name}")
+    tmp = staging_path(archive)
+    try:
+        with storage_errors(archive, "writing", needed):
+            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped, \
+                    tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for path in members:
+                    info = tar.gettarinfo(str(path), arcname=f"{model_dir.name}/{path.name}")
+                    info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
+            os.replace(tmp, archive)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return archive
 
 
@@ -168,7 +180,7 @@ def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = 
 def main(argv=None) -> None:
     """python -m mvlm_engine.packaging: archive finished models, write SHA256SUMS and DOWNLOAD.md."""
     from .cli import OneLineParser
-    from .errors import UserError
+    from .locks import folder_holder, in_use_message
 
     parser = OneLineParser(prog="packaging", description="Archive trained models with SHA256SUMS and DOWNLOAD.md")
     parser.add_argument("--models_dir", type=Path, default=Path("models"))
@@ -176,10 +188,22 @@ def main(argv=None) -> None:
     parser.add_argument("--names", nargs="*", help="model folders (default: every folder of --models_dir that holds "
                                                    "a finished model)")
     args = parser.parse_args(argv)
-    missing = [n for n in args.names or [] if not (args.models_dir / n / MODEL_MANIFEST).is_file()]
+    if not args.models_dir.is_dir():
+        raise UserError(f"--models_dir {args.models_dir} is not a folder; train the models first")
+    missing = [n for n in args.names or [] if not (args.models_dir / n / MODEL_MANIFEST).is_file()
+               or Path(n).name != n]
     if missing:
         raise UserError(f"no finished model (with {MODEL_MANIFEST}) in "
                         f"{', '.join(str(args.models_dir / n) for n in missing)}")
+    if not (args.names or finished_models(args.models_dir)):
+        raise UserError(f"no finished model (with {MODEL_MANIFEST}) in {args.models_dir}; train the models first")
+    problem = folder_problem(args.download_dir, "--download_dir")
+    if problem:
+        raise UserError(problem)
+    for name in args.names or finished_models(args.models_dir):
+        holder = folder_holder(args.models_dir / name)
+        if holder is not None:
+            raise UserError(in_use_message(args.models_dir / name, holder))
     for archive in package_all(args.models_dir, args.download_dir, args.names):
         log.info(f"packaged {archive} ({archive.stat().st_size:,} bytes)")
     log.info(f"wrote {args.download_dir / SUMS_NAME} and {args.download_dir / 'DOWNLOAD.md'}")

@@ -2,20 +2,34 @@
 
 Saved as tokenizer.json (never pickled). Byte-level BPE round-trips any text exactly,
 spaces and newlines included. A trained tokenizer is cached by (corpus hash, settings),
-so the two trainers and reruns do not retrain it.
+so the two trainers and reruns do not retrain it; its sha256, recorded beside it, is checked
+on every use, so an edited or damaged tokenizer.json is trained again (with a warning).
+
+Training runs in a child process (`python -m mvlm_engine.tokenizer`): the Rust trainer cannot
+be interrupted in the middle of a call, so a stop request abandons the child instead, within
+a fraction of a second.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .corpus import Corpus
-from .errors import UserError
-from .fileio import atomic_write_text
+from .corpus import Corpus, CorpusFile
+from .errors import StorageError, UserError
+from .fileio import atomic_write_text, remove_dead_staging, sha256_file, staging_path, storage_errors
+from .locks import wait_for_lock
+from .logs import get_logger
+from .stopping import STOP
+
+log = get_logger("tokenizer")
+SHA_NAME = "tokenizer.sha256"  # beside a cached tokenizer.json: the sha256 it had when it was trained
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -86,19 +100,108 @@ def get_or_train_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path,
                            required_words: tuple[str, ...] = ()) -> tuple[Tokenizer, Path]:
     """Load the cached tokenizer for this corpus and settings, or train and cache it.
 
-    `required_words` must end up as single tokens (with and without a leading space).
+    `required_words` must end up as single tokens (with and without a leading space). One
+    process trains a given tokenizer at a time; the others wait for it, then load it.
     """
     settings = json.dumps({"vocab_size": vocab_size, "algorithm": "byte-level-bpe-v1",
                            "required_words": list(required_words)}, sort_keys=True)
     key = f"{corpus.hash[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
     path = cache_dir / "tokenizers" / key / "tokenizer.json"
-    if path.is_file():
-        return load_tokenizer(path), path
-    tokenizer = train_bpe(corpus.documents("train"), vocab_size)
-    if required_words:
-        tokenizer = force_single_tokens(tokenizer, required_words)
-    save_tokenizer(tokenizer, path)
-    return tokenizer, path
+    cached = load_cached_tokenizer(path, warn=True)
+    if cached is not None:
+        return cached, path
+    with storage_errors(path.parent, "creating"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with wait_for_lock(path.parent.with_name(f"{key}.lock"), "tokenizer training"):
+        cached = load_cached_tokenizer(path, warn=False)  # trained by another process meanwhile?
+        if cached is None:
+            remove_dead_staging(path.parent)
+            cached = train_in_child(corpus, vocab_size, required_words, staging_path(path))
+            save_tokenizer(cached, path)
+            atomic_write_text(path.with_name(SHA_NAME), sha256_file(path) + "\n")
+    return cached, path
+
+
+def load_cached_tokenizer(path: Path, warn: bool) -> Tokenizer | None:
+    """The cached tokenizer if it is whole and unchanged since it was trained, else None."""
+    if not path.is_file():
+        return None
+    try:
+        recorded = path.with_name(SHA_NAME).read_text().strip()
+        if recorded == sha256_file(path):
+            return load_tokenizer(path)
+        problem = "its sha256 differs from the one recorded when it was trained (edited or damaged)"
+    except (OSError, UserError) as err:
+        problem = f"it cannot be checked ({err})"
+    if warn:
+        log.warning(f"WARNING: the cached tokenizer {path} is not used: {problem}; training it again")
+    return None
+
+
+def train_in_child(corpus: Corpus, vocab_size: int, required_words: tuple[str, ...], out: Path) -> Tokenizer:
+    """Train in a child process (see the module docstring) that writes `out`; a stop request kills it."""
+    spec = json.dumps({"root": str(corpus.root), "files": [[str(f.path), f.rel, f.split, f.sha256] for f in corpus.files],
+                       "vocab_size": vocab_size, "required_words": list(required_words), "out": str(out),
+                       "parent": os.getpid()})
+    engine_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [engine_parent, os.environ.get("PYTHONPATH")]))}
+    spec_file = staging_path(out.parent / "training_spec.json")
+    atomic_write_text(spec_file, spec)
+    child = subprocess.Popen([sys.executable, "-m", "mvlm_engine.tokenizer", str(spec_file)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)  # a terminal's Ctrl-C reaches us, and we end it
+    try:
+        stderr = wait_for_child(child)
+        if child.returncode != 0:
+            raise child_error(child.returncode, stderr)
+        return load_tokenizer(out)
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    finally:
+        out.unlink(missing_ok=True)
+        spec_file.unlink(missing_ok=True)
+
+
+def wait_for_child(child: subprocess.Popen) -> str:
+    while True:
+        try:
+            return child.communicate(timeout=0.2)[1]
+        except subprocess.TimeoutExpired:
+            STOP.check("training the tokenizer", "nothing was saved; the next run trains it again")
+
+
+def child_error(code: int, stderr: str) -> Exception:
+    last = (stderr.strip().splitlines() or [""])[-1]
+    kind, _, message = last.partition("\t")
+    if kind == "user":
+        return UserError(message)
+    if kind == "storage":
+        return StorageError(message)
+    reason = f"killed by signal {-code} (out of memory?)" if code < 0 else last[:300] or f"exit status {code}"
+    return UserError(f"training the tokenizer failed: {reason}")
+
+
+def child_main() -> None:
+    """The tokenizer-training child: a JSON spec file in argv[1], the tokenizer written to spec["out"]."""
+    spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    files = tuple(CorpusFile(Path(p), rel, split, sha) for p, rel, split, sha in spec["files"])
+    corpus = Corpus(Path(spec["root"]), files, None)
+    try:
+        tokenizer = train_bpe(corpus.documents("train"), spec["vocab_size"])
+        if spec["required_words"]:
+            tokenizer = force_single_tokens(tokenizer, tuple(spec["required_words"]))
+        if os.getppid() != spec["parent"]:
+            return  # the parent is gone: nobody wants this tokenizer any more
+        with storage_errors(Path(spec["out"])):
+            Path(spec["out"]).write_text(tokenizer.to_str(), encoding="utf-8")
+    except UserError as err:
+        print(f"user\t{err}", file=sys.stderr)
+        sys.exit(2)
+    except StorageError as err:
+        print(f"storage\t{err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
@@ -145,3 +248,7 @@ def save_hf_tokenizer(tokenizer_file: str | Path, model_max_length: int, out: Pa
     config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=model_max_length)
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": token_id}
+
+
+if __name__ == "__main__":
+    child_main()

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,19 +24,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (BEST, load_checkpoint, prune_checkpoints, recover_interrupted_swaps, resolve_resume,
-                         save_checkpoint, set_aside_later_checkpoints)
+from .checkpoint import (BEST, last_good_checkpoint, load_checkpoint, prune_checkpoints, recover_interrupted_swaps,
+                         refuse_non_finite, resolve_resume, save_checkpoint, set_aside_later_checkpoints, state_bytes)
 from .config import TrainConfig, config_dict, save_config_json
 from .data import BatchSource, to_device
-from .errors import TrainingDiverged, TrainingInterrupted
-from .evaluation import evaluate
-from .fileio import atomic_write_text
+from .errors import TrainingDiverged, TrainingInterrupted, UserError
+from .evaluation import EvaluationStopped, evaluate
+from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, storage_errors
+from .guard import StepGuard
 from .logs import get_logger
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
 from .optim import build_optimizer, lr_factor, optimizers_of, set_learning_rates
 from .packaging import MODEL_MANIFEST, write_model_manifest
 from .runtime import Runtime
 from .shards import TokenData
+from .stopping import STOP
+from .stopping import StopRequest as StopSignal
 
 log = get_logger("train")
 
@@ -63,31 +65,6 @@ def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
         return cfg.max_steps
     per_epoch = micro_batches_per_epoch // cfg.gradient_accumulation_steps
     return max(1, math.ceil(per_epoch * cfg.num_epochs))
-
-
-class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop at the next step."""
-
-    def __init__(self):
-        self.signum, self.first_at = 0, 0.0
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        # A second signal more than 3 s later means "stop now". Sooner, it is the same request
-        # delivered twice (torchrun forwards what a scheduler may also send to every process).
-        if self.signum and time.monotonic() - self.first_at > 3.0:
-            raise KeyboardInterrupt
-        if not self.signum:
-            self.signum, self.first_at = signum, time.monotonic()
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -128,10 +105,13 @@ class Run:
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
     board: TensorBoard | None = None
     progress: tqdm | None = None
-    state: dict = field(default_factory=lambda: {"step": 0, "best_val_loss": float("inf"), "bad_steps": 0})
+    # eval_pending: a stop cut the evaluation of this step short; it runs first on resume.
+    state: dict = field(default_factory=lambda: {"step": 0, "best_val_loss": float("inf"), "bad_steps": 0,
+                                                 "eval_pending": False})
     window: LogWindow = field(default_factory=LogWindow)
     last_eval: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    guard: StepGuard | None = None  # undoes a step that leaves a weight non-finite
 
     @property
     def out(self) -> Path:
@@ -155,8 +135,10 @@ class Run:
 
 def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData) -> dict:
     """Train until the step budget is spent; export the model; return the run summary."""
-    run = start_or_restore(cfg, task, runtime, data)
-    with StopSignal() as stop:
+    with STOP.deferred() as stop:  # a signal stops at the next step boundary, with a checkpoint
+        run = start_or_restore(cfg, task, runtime, data)
+        if run.state["eval_pending"]:
+            finish_pending_eval(run)
         while run.state["step"] < run.total_steps:
             result = optimizer_step(run, stop)
             log_window(run, result)
@@ -172,8 +154,11 @@ def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, dat
               total_steps=total_steps(cfg, task.batches.micro_batches_per_epoch()),
               history=History(Path(cfg.output_dir) / "training_history.json", {}))
     run.history.data["config"] = run.checkpoint_config()
+    run.guard = StepGuard(objective, run.optimizer)
+    STOP.check("starting the training", "nothing new to save")
     if runtime.is_main:
-        recover_interrupted_swaps(run.ckpt_root)
+        recover_interrupted_swaps(run.ckpt_root)  # under the output dir's lock: no other writer
+        remove_dead_staging(run.out)
     if cfg.resume_from:
         restore(run)
     if runtime.is_main:
@@ -193,8 +178,12 @@ def restore(run: Run) -> None:
     """Load weights, optimizer, scaler, RNG and data position from --resume_from."""
     folder = resolve_resume(run.cfg.resume_from, run.ckpt_root)
     saved = load_checkpoint(folder, run.task.objective, run.optimizer, run.scaler, run.data.tokenizer_hash)
-    run.task.batches.load_state_dict(saved["data"])
-    run.state.update({k: saved[k] for k in run.state})
+    try:
+        run.task.batches.load_state_dict(saved["data"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"checkpoint {folder}: its data position is damaged ({type(err).__name__}: {err}); "
+                        "resume from another checkpoint") from None
+    run.state.update({k: saved.get(k, run.state[k]) for k in run.state})  # required keys were checked
     run.history.resume(run.state["step"])
     if not run.runtime.is_main:
         return
@@ -240,18 +229,20 @@ def optimizer_step(run: Run, stop: StopSignal) -> StepResult:
         run.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.task.objective.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    run.guard.save()
+    for optimizer in optimizers_of(run.optimizer):
+        run.scaler.step(optimizer)
     skipped, stop_requested = read_step_flags(run, loss, grad_norm, stop)
     if skipped:
-        skip_step(run, step)
+        run.guard.restore()  # as if the step had never run
+        skip_step(run, step, skipped)
     else:
-        for optimizer in optimizers_of(run.optimizer):
-            run.scaler.step(optimizer)
         run.state["bad_steps"] = 0
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.state["step"] = step + 1
     run.progress.update(1)
-    return StepResult(step + 1, cfg.learning_rate * factor, loss, terms, grad_norm, skipped, stop_requested)
+    return StepResult(step + 1, cfg.learning_rate * factor, loss, terms, grad_norm, bool(skipped), stop_requested)
 
 
 def accumulate_gradients(run: Run) -> tuple[torch.Tensor, dict]:
@@ -273,29 +264,30 @@ def accumulate_gradients(run: Run) -> tuple[torch.Tensor, dict]:
     return loss_sum / accumulation, {k: v / accumulation for k, v in term_sums.items()}
 
 
-def read_step_flags(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopSignal) -> tuple[bool, bool]:
-    """(non-finite step, stop requested), agreed across ranks. The one host sync of a step.
-    Without a GradScaler, non-finite gradients count as a bad step too (with one, the scaler
-    skips them itself)."""
+def read_step_flags(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopSignal) -> tuple[str, bool]:
+    """(why the step is bad, "" if it is not; stop requested), agreed across ranks. The one host
+    sync of a step. A step is bad when the loss or any updated weight is not finite; without a
+    GradScaler, non-finite gradients count too (with one, the scaler skips them itself)."""
     bad = ~torch.isfinite(loss)
     if not run.scaler.is_enabled():
         bad = bad | ~torch.isfinite(grad_norm)
-    flags = torch.stack([bad.float(), torch.tensor(float(stop.signum > 0), device=run.runtime.device)])
+    flags = torch.stack([bad.float(), (~run.guard.weights_finite(loss.device)).float(),
+                         torch.tensor(float(stop.signum > 0), device=run.runtime.device)])
     if run.runtime.distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    is_bad, stop_requested = (bool(v) for v in flags.tolist())
-    return is_bad, stop_requested
+    bad_loss, bad_weights, stop_requested = (bool(v) for v in flags.tolist())
+    reason = "non-finite loss or gradients" if bad_loss else "the update made weights non-finite" if bad_weights else ""
+    return reason, stop_requested
 
 
-def skip_step(run: Run, step: int) -> None:
+def skip_step(run: Run, step: int, reason: str) -> None:
     """Count a non-finite step; too many in a row end the run with the last good checkpoint named."""
     run.state["bad_steps"] += 1
-    log.info(f"step {step}: non-finite loss or gradients, step skipped ({run.state['bad_steps']}/"
-             f"{run.cfg.max_bad_steps})")
+    log.info(f"step {step}: {reason}, step skipped ({run.state['bad_steps']}/{run.cfg.max_bad_steps})")
     if run.state["bad_steps"] >= run.cfg.max_bad_steps:
-        raise TrainingDiverged(f"the loss was not finite for {run.state['bad_steps']} steps in a row at step {step}; "
-                               f"lower --learning_rate or use --precision fp32/bf16, then resume from the last "
-                               f"checkpoint in {run.ckpt_root}")
+        raise TrainingDiverged(f"the loss or the updated weights were not finite for {run.state['bad_steps']} steps in a "
+                               f"row at step {step}; lower --learning_rate or use --precision fp32/bf16, then resume: "
+                               f"{last_good_checkpoint(run.ckpt_root)}")
 
 
 # --------------------------------------------------------------------------- logging, evaluation, checkpoints
@@ -334,29 +326,50 @@ def log_window(run: Run, result: StepResult) -> None:
 
 
 def evaluate_and_checkpoint(run: Run, result: StepResult, stop: StopSignal) -> None:
-    """Evaluate and save on schedule and at the end; after a signal, save and stop."""
+    """Evaluate and save on schedule and at the end; after a signal, save and stop. A signal
+    during the evaluation cuts it short: the step is saved and its evaluation runs on resume."""
     paused = time.perf_counter()
     step, last = result.step, result.step == run.total_steps
+    stopping = result.stop_requested
     if step % run.cfg.eval_interval == 0 or last:
-        run.last_eval = run_eval(run)
-        log.info(f"step {step}: held-out loss {run.last_eval['val_loss']:.4f}, "
-                 f"{run.last_eval['val_bpb']:.4f} bits/byte")
-    if step % run.cfg.save_interval == 0 or last or result.stop_requested:
+        run.state["eval_pending"] = not evaluate_step(run, step)
+        stopping = stopping or run.state["eval_pending"]
+    if step % run.cfg.save_interval == 0 or last or stopping:
         checkpoint(run, f"step_{step:06d}")
     run.window.started += time.perf_counter() - paused  # tokens/s counts training time only
-    if result.stop_requested and not last:
+    if stopping and (not last or run.state["eval_pending"]):
         run.progress.close()
         run.board.close()
-        raise TrainingInterrupted(f"stopped by signal at step {step}/{run.total_steps}; checkpoint saved in "
-                                  f"{run.ckpt_root}; continue with --resume_from latest",
-                                  128 + (stop.signum or signal.SIGTERM))
+        raise TrainingInterrupted(f"stopped by {stop.name} at step {step}/{run.total_steps}; checkpoint saved in "
+                                  f"{run.ckpt_root}; continue with --resume_from latest", stop.exit_code)
+
+
+def evaluate_step(run: Run, step: int) -> bool:
+    """Run and log the evaluation of `step`; False if a stop request cut it short."""
+    try:
+        run.last_eval = run_eval(run)
+    except EvaluationStopped:
+        log.info(f"step {step}: evaluation stopped by a signal; it runs again on resume")
+        return False
+    log.info(f"step {step}: held-out loss {run.last_eval['val_loss']:.4f}, {run.last_eval['val_bpb']:.4f} bits/byte")
+    return True
+
+
+def finish_pending_eval(run: Run) -> None:
+    """The evaluation a stop cut short, run on resume before the next step (as it would have run)."""
+    run.state["eval_pending"] = False  # as it was when the original evaluation began (best_model records it)
+    if not evaluate_step(run, run.state["step"]):
+        raise TrainingInterrupted(f"stopped by {STOP.name} during the evaluation of step {run.state['step']}; its "
+                                  f"checkpoint is in {run.ckpt_root}; continue with --resume_from latest",
+                                  STOP.exit_code)
 
 
 def run_eval(run: Run) -> dict:
     """Held-out loss and bits per byte; a new best is saved as best_model."""
     result = evaluate(run.task.objective, run.task.logits, run.data.shards.tokens("val"), run.cfg.block_size,
                       run.cfg.eval_windows, run.cfg.batch_size, run.runtime,
-                      torch.as_tensor(run.data.byte_lengths, device=run.runtime.device))
+                      torch.as_tensor(run.data.byte_lengths, device=run.runtime.device),
+                      should_stop=lambda: STOP.requested)
     if run.runtime.is_main:
         run.history.log("eval", {"step": run.state["step"], **result})
         run.history.save()
@@ -393,7 +406,13 @@ def finish(run: Run) -> dict:
     run.board.close()
     summary = run_summary(run)
     if run.runtime.is_main:
-        run.task.export(run.out)
+        refuse_non_finite(run.task.objective, "the final model", run.ckpt_root)
+        if not math.isfinite(summary["final_val_loss"]):
+            raise TrainingDiverged(f"the final held-out loss is {summary['final_val_loss']}, so the model was not "
+                                   f"exported; {last_good_checkpoint(run.ckpt_root)}")
+        ensure_free_space(run.out, state_bytes(run.task.objective, run.optimizer) // 3, "the final model")
+        with storage_errors(run.out, "exporting the model into"):
+            run.task.export(run.out)
         try:
             plot_history(run.history.data, run.out / "loss_curve.png", run.task.name)
         except Exception as err:  # noqa: BLE001  (a plot must never cost a finished run its summary)

@@ -29,7 +29,8 @@ from pathlib import Path
 from mvlm_engine.corpus import BUILD_MARKER, MANIFEST_NAME, VERSES_NAME
 from mvlm_engine.cli import OneLineParser, run_cli
 from mvlm_engine.errors import UserError, fail
-from mvlm_engine.fileio import atomic_write_text, fsync_dir, sha256_file
+from mvlm_engine.fileio import atomic_write_text, folder_problem, fsync_dir, sha256_file, storage_errors
+from mvlm_engine.locks import lock_folder
 from mvlm_engine.logs import get_logger
 
 log = get_logger("corpus")
@@ -116,9 +117,8 @@ def resolve_selection(args: argparse.Namespace) -> tuple[list[str], set[str] | N
         titles = {book.title.lower(): book.title for book in pythonbible.Book}
         books = set(pick_names(args.books, titles, "--books",
                                "use names like 'John', '1 Samuel', 'Song of Songs'", errors))
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        errors.append(f"--output_dir {args.output_dir} is a file, not a folder")
-    fail(errors)
+    problem = folder_problem(args.output_dir, "--output_dir")
+    fail(errors + ([problem] if problem else []))
     return sorted(dict.fromkeys(codes), key=list(TRANSLATIONS).index), books
 
 
@@ -169,19 +169,45 @@ def pythonbible_book_numbers() -> dict[str, int]:
 
 
 def verses_source(path: Path):
-    """(translations, book numbers, earlier manifest) from an earlier build's verses.jsonl[.xz]."""
+    """(translations, book numbers, earlier manifest) from an earlier build's verses.jsonl[.xz];
+    every record is checked, and a bad one is named in one line."""
     manifest_path = path.parent / MANIFEST_NAME
     if not path.is_file() or not manifest_path.is_file():
         raise UserError(f"--from_verses needs {path} and {manifest_path} (both from the same build)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    titles = {t["code"]: t["title"] for t in manifest["translations"]}
-    book_numbers = {f["book"]: int(Path(f["path"]).name.split("_", 1)[0]) for f in manifest["files"]}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        titles = {t["code"]: t["title"] for t in manifest["translations"]}
+        book_numbers = {f["book"]: int(Path(f["path"]).name.split("_", 1)[0]) for f in manifest["files"]}
+        heldout, source = list(manifest["heldout_books"]), str(manifest["source"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{manifest_path} is not a manifest of prepare.py ({type(err).__name__}: {err})") from None
     grouped: dict[str, dict[str, list]] = {}
-    with (lzma.open(path, "rt", encoding="utf-8") if path.suffix == ".xz" else open(path, encoding="utf-8")) as handle:
-        for line in handle:
-            r = json.loads(line)
-            grouped.setdefault(r["translation"], {}).setdefault(r["book"], []).append((r["chapter"], r["verse"], r["text"]))
+    try:
+        with (lzma.open(path, "rt", encoding="utf-8") if path.suffix == ".xz" else open(path, encoding="utf-8")) as handle:
+            for number, line in enumerate(handle, 1):
+                code, book, verse = verse_record(line, titles, book_numbers, f"{path}:{number}")
+                grouped.setdefault(code, {}).setdefault(book, []).append(verse)
+    except (OSError, UnicodeDecodeError, lzma.LZMAError, EOFError) as err:
+        raise UserError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    if not grouped:
+        raise UserError(f"{path} holds no verses")
+    manifest.update(heldout_books=heldout, source=source)
     return [(code, titles[code], by_book) for code, by_book in grouped.items()], book_numbers, manifest
+
+
+def verse_record(line: str, titles: dict, book_numbers: dict, where: str) -> tuple[str, str, tuple]:
+    """(translation, book, (chapter, verse, text)) of one verses.jsonl line, or a UserError naming it."""
+    try:
+        r = json.loads(line)
+        code, book, chapter, verse, text = (r[k] for k in ("translation", "book", "chapter", "verse", "text"))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{where} is not a verse record (translation, book, chapter, verse, text)") from None
+    if code not in titles or book not in book_numbers:
+        raise UserError(f"{where}: translation {code!r} or book {book!r} is not in the manifest beside it")
+    if not (isinstance(chapter, int) and isinstance(verse, int) and chapter > 0 and verse > 0 and isinstance(text, str)
+            and text and "\n" not in text):
+        raise UserError(f"{where}: chapter and verse must be positive numbers and text one non-empty line")
+    return code, book, (chapter, verse, text)
 
 
 def write_corpus(stage: Path, translations, book_numbers: dict[str, int], heldout: list[str], source: str) -> dict:
@@ -232,17 +258,49 @@ def write_corpus(stage: Path, translations, book_numbers: dict[str, int], heldou
     }
 
 
+def written_by_prepare(path: Path) -> bool:
+    """Whether `path` (a translation folder or verses.jsonl in the output folder) is an earlier
+    build's: only those are replaced; anything else of the user's makes the build stop first."""
+    if path.name == VERSES_NAME and path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline()
+        return not first.strip() or first.startswith('{"translation": ')
+    if not path.is_dir():
+        return False
+    for child in path.iterdir():
+        if not (child.is_file() and child.suffix == ".txt" and child.name[:2].isdigit()):
+            return False
+        with open(child, encoding="utf-8", errors="replace") as handle:
+            if f"({path.name}): " not in handle.readline():
+                return False
+    return True
+
+
+def check_no_clash(stage: Path, out: Path) -> None:
+    clashes = sorted(entry.name for entry in stage.iterdir()
+                     if (out / entry.name).exists() and not written_by_prepare(out / entry.name))
+    if clashes:
+        raise UserError(f"--output_dir {out} already holds {', '.join(clashes)}, which prepare.py did not write; "
+                        "move them away or choose another folder (nothing was changed)")
+
+
 def install(stage: Path, out: Path, manifest: dict) -> None:
     """Swap the staged build into place. The marker makes readers refuse a half-swapped folder."""
+    check_no_clash(stage, out)
     marker = out / BUILD_MARKER
     marker.write_text("corpus build in progress; rerun prepare.py if this file stays\n")
     fsync_dir(out)
     old_manifest = out / MANIFEST_NAME
     if old_manifest.is_file():
-        previous = json.loads(old_manifest.read_text())
+        try:
+            previous = json.loads(old_manifest.read_text())
+            codes = {f["translation"] for f in previous.get("files", [])}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            codes = set()  # a damaged manifest: its folders are replaced below only if they are ours
         old_manifest.unlink()
-        for code in {f["translation"] for f in previous.get("files", [])}:
-            if (out / code).is_dir():
+        for code in codes:
+            if isinstance(code, str) and Path(code).name == code and (out / code).is_dir() \
+                    and written_by_prepare(out / code):
                 shutil.rmtree(out / code)
     for entry in sorted(stage.iterdir()):
         target = out / entry.name
@@ -256,7 +314,9 @@ def install(stage: Path, out: Path, manifest: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    out = args.output_dir.resolve()
     if args.from_verses:
+        fail([p for p in [folder_problem(out, "--output_dir")] if p])
         translations, book_numbers, earlier = verses_source(args.from_verses.resolve())
         heldout, source = earlier["heldout_books"], earlier["source"]
     else:
@@ -266,19 +326,18 @@ def main(argv: list[str] | None = None) -> None:
         translations, book_numbers = pythonbible_source(codes, books), pythonbible_book_numbers()
         heldout = [b for b in HELD_OUT_BOOKS if books is None or b in books]
         source = f"pythonbible {pythonbible.__version__} translation packages (plain_text_readers)"
-    out = args.output_dir.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = out / ".building"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
+    lock = lock_folder(out, "prepare.py corpus build")  # noqa: F841 (held until the end)
+    stage = out / ".building"  # a dead build's is removed here: we hold the folder's lock
     try:
-        manifest = write_corpus(stage, translations, book_numbers, heldout, source)
-        install(stage, out, manifest)
+        with storage_errors(stage, "writing the corpus"):
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir()
+            manifest = write_corpus(stage, translations, book_numbers, heldout, source)
+            install(stage, out, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info(f"{len(manifest['translations'])} translations, {len(manifest['files'])} files, "
-          f"{manifest['total_chars']:,} characters -> {out}")
+             f"{manifest['total_chars']:,} characters -> {out}")
     log.info(f"held-out books: {', '.join(manifest['heldout_books']) or 'none (no validation split!)'}")
 
 

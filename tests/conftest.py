@@ -91,3 +91,49 @@ def trained_simone(small_corpus, tmp_path_factory) -> Path:
     run_ok(*tiny_args(SIMONE_TRAINER, small_corpus, out, "--batch_size", 8, "--max_steps", 80, "--eval_interval", 40,
                       "--save_interval", 40, "--log_interval", 5, *SIMONE_AUX_LOSSES_ON, seed=3))
     return out
+
+
+def mount_tmpfs(folder: Path, options: str) -> bool:
+    """Mount a tmpfs on `folder` (root only); False where that is not possible."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem, for full-disk tests (a tmpfs: needs root; skipped otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not mount_tmpfs(disk, "size=4m"):
+        pytest.skip("a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def read_only_corpus(small_corpus, tmp_path_factory):
+    """A read-only folder holding a copy of the small corpus (its cache included) and an empty
+    folder `empty/`: a read-only tmpfs as root, else a folder without write permission."""
+    import shutil
+    folder = tmp_path_factory.mktemp("read_only")
+    mounted = mount_tmpfs(folder, "size=64m")
+    shutil.copytree(small_corpus, folder / "corpus")
+    (folder / "empty").mkdir()
+    if mounted:
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    else:
+        for path in [folder, *folder.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o555)
+    probe = folder / "empty" / "probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+        pytest.skip("cannot make a read-only folder here (root without mount)")
+    except OSError:
+        pass
+    yield folder
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -166,7 +166,8 @@ def test_rebuild_from_compressed_verses_needs_no_pythonbible_and_matches(small_c
     blocker = tmp_path / "no_pythonbible"
     blocker.mkdir()
     (blocker / "pythonbible.py").write_text("raise ImportError('pythonbible is not installed here')\n")
-    env = {**__import__("os").environ, "PYTHONPATH": str(blocker)}
+    os = __import__("os")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
     proc = run_script(PREPARE, "--from_verses", pack / "verses.jsonl.xz", "--output_dir", tmp_path / "rebuilt", env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "rebuilt" / "manifest.json").read_bytes() == (small_corpus / "manifest.json").read_bytes()

@@ -19,6 +19,8 @@ within 0.1%, the same token ids for awkward text. Without llama_cpp those are sk
 """
 import importlib.util
 import json
+import os
+import shutil
 import sys
 import types
 
@@ -327,7 +329,6 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_writes_nothing(gpt2_dir, tmp_path, capsys, case):
-    import shutil
     model_dir = tmp_path / "model"
     shutil.copytree(gpt2_dir, model_dir)
     pick, damage, needle = BAD_INPUTS[case]
@@ -359,15 +360,53 @@ def test_usage_errors_are_one_line(gpt2_dir, tmp_path, capsys, args, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_write_leaves_no_temporary_file(gpt2_dir, tmp_path, monkeypatch):
-    """A write that fails midway (disk full, say) removes its temporary file."""
+def test_failed_write_leaves_no_temporary_file(gpt2_dir, tmp_path, monkeypatch, capsys):
+    """A write that fails midway (disk full, say) removes its temporary file: one line, exit 1."""
     def full_disk(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
-    with pytest.raises(exporter.ExportError, match="No space left on device"):
-        exporter.export(gpt2_dir, tmp_path / "model.gguf")
+    proc = export(capsys, gpt2_dir, tmp_path / "model.gguf")
+    assert proc.returncode == 1
+    assert_one_line_error(proc, f"no space left on device writing {tmp_path / 'model.gguf'}", "MB free")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_refused_before_the_write(gpt2_dir, small_disk, capsys):
+    (small_disk / "filler").write_bytes(b"\0" * shutil.disk_usage(small_disk).free)
+    proc = export(capsys, gpt2_dir, small_disk / "model.gguf")
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "no space left on device for the GGUF file model.gguf", "MB needed")
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]
+
+
+def test_non_finite_weights_are_refused_naming_the_last_good_checkpoint(gpt2_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    model_dir = tmp_path / "model"
+    shutil.copytree(gpt2_dir, model_dir)
+    (model_dir / "checkpoints" / "step_000010").mkdir(parents=True)
+    weights = load_file(model_dir / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[:3] = float("inf")
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    proc = export(capsys, model_dir, tmp_path / "model.gguf")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "holds 3 NaN or infinite weights, so it was not exported",
+                          f"the last good checkpoint is {model_dir / 'checkpoints' / 'step_000010'}")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_a_dead_exports_temporary_file_is_removed_and_a_live_ones_kept(gpt2_dir, tmp_path):
+    import subprocess
+    from mvlm_engine.fileio import HOST
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = [tmp_path / f".model.gguf.{pid}@{HOST}.tmp" for pid in (dead.pid, os.getppid())]
+    for path in left:
+        path.write_bytes(b"partial")
+    export_ok(gpt2_dir, tmp_path / "model.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.gguf", left[1].name])
 
 
 # --------------------------------------------------------------------------- end to end: llama.cpp vs transformers

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting
+from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting, upper_limit_problems
 from simone_transformer import SimOneConfig
 
 # Frequent names and terms that must stay single tokens (checked by a test).
@@ -30,6 +30,11 @@ LOSS_WEIGHTS = ("coherence_weight", "alignment_weight", "z_loss_weight")
 # momentum are the engine's). The ablation in RESULTS.md measures each piece.
 RECIPE_TRAINING = {"optimizer": "muon", "learning_rate": 0.05, "head_lr": 0.008, "scalar_lr": 0.02, "beta1": 0.8,
                    "weight_decay": 0.0}
+# Upper limits past which a run cannot work (or a number is a typo); lower ones are in problems().
+LIMITS = {"coherence_weight": 100.0, "alignment_weight": 100.0, "z_loss_weight": 100.0, "alignment_pairs": 4096,
+          "alignment_max_tokens": 1 << 16, "alignment_temperature": 100.0}
+MODEL_LIMITS = {"d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "ffn_hidden_dim": 1 << 18,
+                "memory_tokens": 4096, "rope_theta": 1e9, "init_std": 1.0, "trace_top_k": 1000, "logit_softcap": 1e4}
 
 
 @dataclass
@@ -81,7 +86,7 @@ class PrioritaryConfig(TrainConfig):
         errors = super().problems()
         errors += [f"--{name} must be >= 0 (0 switches the term off), got {getattr(self, name)}"
                    for name in LOSS_WEIGHTS if getattr(self, name) < 0]
-        if self.alignment_weight > 0 and self.alignment_pairs < 2:
+        if self.alignment_pairs < 2:  # checked even when --alignment_weight 0 makes it unused
             errors.append(f"--alignment_pairs must be >= 2 for the contrastive loss, got {self.alignment_pairs}")
         if self.alignment_max_tokens < 2:
             errors.append(f"--alignment_max_tokens must be >= 2, got {self.alignment_max_tokens}")
@@ -90,7 +95,9 @@ class PrioritaryConfig(TrainConfig):
         bad = [seed for seed in self.quality_seeds if not seed or seed != seed.strip() or " " in seed]
         if bad:
             errors.append(f"--quality_seeds must be single words without spaces: {bad}")
-        return errors
+        if not self.model.norm_eps < 1:
+            errors.append(f"--norm_eps must be < 1, got {self.model.norm_eps}")
+        return errors + upper_limit_problems(self, LIMITS) + upper_limit_problems(self.model, MODEL_LIMITS)
 
 
 def simone_preset(name: str, vocab_size: int = 32000, **overrides) -> SimOneConfig:

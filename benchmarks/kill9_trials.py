@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""kill -9 trials: a trainer is killed at seeded moments, half of them inside a checkpoint
+write, then resumed until it finishes; its final weights must be bit-identical to those of an
+uninterrupted run with the same settings.
+
+    python3 benchmarks/kill9_trials.py --trials 10 --seed 0                  # MVLM-GPT2, CPU
+    python3 benchmarks/kill9_trials.py --trainer simone --trials 3 --seed 0  # Enhanced SIM-ONE
+    python3 benchmarks/kill9_trials.py --data_dir /path/to/corpus            # default: a small corpus built here
+
+A kill "inside a checkpoint write" is aimed by watching checkpoints/ for the staging folder
+(.tmp-NAME) of a seeded n-th write and sending SIGKILL the moment it appears; whether it landed
+there is read back from what the kill left (.tmp-/.old- folders). The other trials are killed at
+a seeded time during the run. Prints one line per trial and the total; exit 1 unless every
+trial is bit-identical. tests/test_reliability_e2e.py runs two of these trials in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from train_all_models import TRAINERS  # noqa: E402  (the pipeline's one table of trainers)
+
+# Small enough for a CPU: STEPS steps of 8 x 64 tokens, a checkpoint every 2 steps (evaluation
+# settings change no weight, so a run with other ones must still end bit-identical).
+SETTINGS = ["--preset", "tiny", "--device", "cpu", "--vocab_size", "1024", "--block_size", "64", "--batch_size", "8",
+            "--save_interval", "2", "--eval_interval", "8", "--eval_windows", "8", "--log_interval", "2",
+            "--keep_checkpoints", "3", "--seed", "5"]
+STEPS = 16
+
+
+def command(trainer: str, data_dir: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return [sys.executable, str(TRAINERS[trainer].script), "--data_dir", str(data_dir), "--output_dir", str(out),
+            *SETTINGS, "--max_steps", str(steps), *extra]
+
+
+def checkpoint_writes(steps: int) -> int:
+    return steps // 2 + 1  # a step checkpoint every 2 steps, and the first best_model at least
+
+
+def resume_to_the_end(trainer: str, data_dir: Path, out: Path, steps: int) -> None:
+    """Resume from the latest checkpoint (or start again when the kill came before the first one)."""
+    resume = ["--resume_from", "latest"] if list((out / "checkpoints").glob("step_*")) else []
+    proc = subprocess.run(command(trainer, data_dir, out, *resume, steps=steps), cwd=REPO, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the resumed run failed: {proc.stderr.strip()[-500:]}")
+
+
+def checkpoint_debris(out: Path) -> list[str]:
+    root = out / "checkpoints"
+    return sorted(p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))) if root.is_dir() else []
+
+
+def kill_inside_a_write(proc: subprocess.Popen, out: Path, nth: int) -> str:
+    """SIGKILL the moment the nth checkpoint write's staging folder appears."""
+    root, seen, writing_before = out / "checkpoints", 0, False
+    while proc.poll() is None:
+        try:
+            writing = any(name.startswith(".tmp-") for name in os.listdir(root))
+        except FileNotFoundError:
+            writing = False
+        if writing and not writing_before:
+            seen += 1
+            if seen == nth:
+                os.kill(proc.pid, signal.SIGKILL)
+                return f"at checkpoint write {nth}"
+        writing_before = writing
+        time.sleep(0.0002)
+    return "after the run ended"
+
+
+def kill_at_a_moment(proc: subprocess.Popen, out: Path, delay: float) -> str:
+    """SIGKILL `delay` seconds after training started (the history file appears)."""
+    while proc.poll() is None and not (out / "training_history.json").exists():
+        time.sleep(0.01)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        return f"{delay:.2f} s into training"
+    return "after the run ended"
+
+
+def trial(trainer: str, data_dir: Path, work: Path, seed: int, inside: bool, span: float, reference: Path,
+          steps: int = STEPS) -> dict:
+    """One kill -9 (aimed at a checkpoint write, or at a seeded moment) and the resume after it."""
+    rng = random.Random(seed)
+    out = work / f"trial_{seed}"
+    proc = subprocess.Popen(command(trainer, data_dir, out, steps=steps), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    when = kill_inside_a_write(proc, out, rng.randint(1, checkpoint_writes(steps))) if inside else \
+        kill_at_a_moment(proc, out, rng.uniform(0.0, span))
+    proc.wait()
+    debris = checkpoint_debris(out)
+    resume_to_the_end(trainer, data_dir, out, steps)
+    return {"seed": seed, "aimed": "checkpoint write" if inside else "random moment", "killed": when,
+            "landed_in_write": bool(debris), "debris": debris,
+            "identical": same_weights(reference, out / "model.safetensors")}
+
+
+def same_weights(path_a: Path, path_b: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_trials(trainer: str, data_dir: Path, work: Path, trials: int, seed: int) -> list[dict]:
+    """The uninterrupted reference run, then `trials` kill-and-resume trials (even ones aimed at writes)."""
+    span = reference_run(trainer, data_dir, work / "reference", STEPS)
+    return [trial(trainer, data_dir, work, seed + i, i % 2 == 0, span, work / "reference" / "model.safetensors")
+            for i in range(trials)]
+
+
+def reference_run(trainer: str, data_dir: Path, out: Path, steps: int) -> float:
+    """Run uninterrupted; return how long it trained (from its first logged step to the end of its
+    steps, less the final export), the span in which the random kills fall."""
+    proc = subprocess.Popen(command(trainer, data_dir, out, steps=steps), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (out / "training_history.json").exists():
+        time.sleep(0.01)
+    started = time.monotonic()
+    if proc.wait() != 0:
+        raise RuntimeError(f"the reference run failed (exit {proc.returncode})")
+    return max(0.5, 0.8 * (time.monotonic() - started))
+
+
+def small_corpus(work: Path) -> Path:
+    out = work / "corpus"
+    subprocess.run([sys.executable, str(REPO / "mvlm_training_dataset_complete" / "prepare.py"), "--output_dir",
+                    str(out), "--translations", "KJV,WEB,ASV,MONT", "--books", "Ruth,Jonah,Philippians,John,Mark"],
+                   check=True, capture_output=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="gpt2")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or small_corpus(Path(tmp))
+        results = run_trials(args.trainer, data_dir.resolve(), Path(tmp), args.trials, args.seed)
+    for r in results:
+        print(f"trial seed {r['seed']}: aimed at a {r['aimed']}, killed {r['killed']}, "
+              f"{'inside a checkpoint write ' + str(r['debris']) if r['landed_in_write'] else 'between writes'}, "
+              f"resumed: {'bit-identical' if r['identical'] else 'DIFFERENT'}")
+    identical, inside = sum(r["identical"] for r in results), sum(r["landed_in_write"] for r in results)
+    print(f"{args.trainer}: {identical}/{len(results)} bit-identical; {inside} of them killed inside a checkpoint write")
+    sys.exit(0 if identical == len(results) else 1)
+
+
+if __name__ == "__main__":
+    main()

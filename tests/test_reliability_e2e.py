@@ -1,0 +1,96 @@
+"""Kill -9 and signals end to end, in subprocesses: the CI share of benchmarks/kill9_trials.py
+(two trials, one of them inside a checkpoint write) and a stop during a long evaluation, both
+resumed to bit-identical weights; two trainers on one folder; validation during training."""
+import importlib.util
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, run_script
+
+pytestmark = pytest.mark.e2e
+STEPS = 8
+
+spec = importlib.util.spec_from_file_location("kill9_trials", REPO / "benchmarks" / "kill9_trials.py")
+kill9 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kill9)
+
+
+@pytest.fixture(scope="module")
+def reference(small_corpus, tmp_path_factory):
+    """An uninterrupted run: the weights every interrupted and resumed run must end with."""
+    work = tmp_path_factory.mktemp("kill9")
+    span = kill9.reference_run("gpt2", small_corpus, work / "reference", STEPS)
+    return work, work / "reference" / "model.safetensors", span
+
+
+def test_kill9_inside_a_checkpoint_write_and_at_a_random_moment_then_resume_is_bit_identical(small_corpus, reference):
+    work, weights, span = reference
+    results = [kill9.trial("gpt2", small_corpus, work, seed, inside, span, weights, steps=STEPS)
+               for seed, inside in ((0, True), (1, False))]
+    assert all(r["identical"] for r in results), results
+    assert results[0]["landed_in_write"], results  # aimed at a write, killed inside it
+
+
+def wait_for_step(proc, history, step, timeout=300):
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if any(r["step"] == step for r in json.loads(history.read_text())["train"]):
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} was not reached")
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """stderr without tqdm's progress bar."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.strip() and "it/s]" not in line and "s/it]" not in line and "%|" not in line]
+
+
+def test_signals_during_a_long_evaluation_stop_within_seconds_and_resume_exactly(small_corpus, reference, tmp_path):
+    _, weights, _ = reference
+    out = tmp_path / "run"
+    # 300 held-out windows at steps 4 and 8: an evaluation of ~40 batches, far longer than a stop may take.
+    args = kill9.command("gpt2", small_corpus, out, "--eval_interval", "4", "--eval_windows", "300", steps=STEPS)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, out / "training_history.json", 4)  # logged just before step 4's evaluation starts
+    proc.send_signal(signal.SIGTERM)
+    for repeat in (signal.SIGINT, signal.SIGTERM):  # impatient repeats: still one clean stop
+        time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(repeat)
+    _, stderr = proc.communicate(timeout=600)
+    lines = stderr_lines(stderr)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and len(lines) == 1 and "stopped by SIGTERM at step 4/8" in lines[0], lines
+    state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    history = json.loads((out / "training_history.json").read_text())
+    assert state["eval_pending"] and not history["eval"], "the evaluation ran to its end: the stop was not prompt"
+
+    resumed = run_script(*args[1:], "--resume_from", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["step"] for r in json.loads((out / "training_history.json").read_text())["eval"]] == [4, 8]
+    assert kill9.same_weights(weights, out / "model.safetensors")
+
+
+def test_a_second_trainer_and_validation_are_refused_while_a_training_runs(small_corpus, tmp_path):
+    out = tmp_path / "models" / "run"
+    args = kill9.command("gpt2", small_corpus, out, steps=400)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(proc, out / "training_history.json", 2)
+        holder = f"is in use by mvlm_trainer.py training (PID {proc.pid}"
+        assert_one_line_error(run_script(*args[1:], "--resume_from", "latest"), holder, f"kill {proc.pid}")
+        assert_one_line_error(run_script(REPO / "validate_models.py", "--models_dir", out.parent, "--data_dir",
+                                         small_corpus, "--names", out.name, "--no_archives"), f"{out} {holder}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not (out / "run_summary.json").exists() and list((out / "checkpoints").glob("step_*"))

@@ -471,18 +471,27 @@ def write_tiny_tokenizer(path: Path) -> Path:
 
 
 @pytest.mark.e2e
-def test_trust_remote_code_load_in_clean_process(tmp_path):
+def test_trust_remote_code_load_and_padded_pipeline_batch_in_clean_process(tmp_path):
+    """Loads alone; and the done-when of batched generation: a stock pipeline("text-generation",
+    model=DIR, trust_remote_code=True), tokenizer padding on the left, batch_size=2, returns
+    the text of one call per prompt."""
     from mvlm_engine.isolation import load_in_clean_interpreter
+    from mvlm_engine.packaging import GENERATION_DEFAULTS
     from mvlm_engine.tokenizer import save_hf_tokenizer
 
     model = make_model(vocab_size=300, policy_gate=True, memory_tokens=3)
     special_ids = save_hf_tokenizer(write_tiny_tokenizer(tmp_path / "t.json"), 64, tmp_path / "model")
-    model_dir = save_pretrained_dir(model, tmp_path / "model", special_ids)
+    model_dir = save_pretrained_dir(model, tmp_path / "model", special_ids, generation=GENERATION_DEFAULTS)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", "hf_model.py"} <= {p.name for p in model_dir.iterdir()}
 
+    batch = ["In the beginning God created the heaven and the earth", "God created"]
     result = load_in_clean_interpreter(model_dir, "In the beginning God created", trust_remote_code=True,
-                                       new_tokens=6)
+                                       new_tokens=6, batch_prompts=batch)
+    texts = result["pipeline"]
+    assert texts["prompt_tokens"][0] > texts["prompt_tokens"][1]  # so the batch is padded
+    assert texts["batched"] == texts["single"]
+    assert all(text.startswith(prompt) and len(text) > len(prompt) for prompt, text in zip(batch, texts["single"]))
     ids = torch.tensor([result["ids"]])
     with torch.no_grad():
         expected = model(ids).logits[0]

@@ -183,13 +183,14 @@ def save_pretrained_dir(
     out_dir: str | Path,
     special_ids: dict | None = None,
     dtype: torch.dtype | None = None,
+    generation: dict | None = None,
 ) -> Path:
     """Write `model` as a transformers directory loadable with trust_remote_code.
 
     Files: config.json (auto_map for AutoConfig and AutoModelForCausalLM, plus the
     bos/eos/pad ids in `special_ids`), model.safetensors (in `dtype`, default the model's
-    own), the modelling code and generation_config.json. The tokenizer files are the
-    trainer's to write. Returns the directory.
+    own), the modelling code and generation_config.json (the special ids plus `generation`,
+    e.g. sampling defaults). The tokenizer files are the trainer's to write. Returns the directory.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +213,7 @@ def save_pretrained_dir(
         dtype=str(stored_dtype).removeprefix("torch."),
     )
     config.to_json_file(out_dir / "config.json", use_diff=False)
-    GenerationConfig(**special_ids).save_pretrained(out_dir)
+    GenerationConfig(**special_ids, **(generation or {})).save_pretrained(out_dir)
     package = Path(__file__).parent
     for name in CODE_FILES:
         shutil.copyfile(package / name, out_dir / name)

@@ -30,6 +30,7 @@ from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, settin
 from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
+from mvlm_engine.packaging import GENERATION_DEFAULTS  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
 from mvlm_engine.shards import prepare_token_data  # noqa: E402
 from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer  # noqa: E402
@@ -113,7 +114,12 @@ def non_embedding_params(model) -> int:
 
 
 def export(model, tokenizer_path: Path, block_size: int, out: Path) -> None:
-    """save_pretrained directory that the HF Auto classes load on their own."""
+    """save_pretrained directory that the HF Auto classes load on their own, sampling by default."""
+    from transformers import GenerationConfig
+
+    c = model.config  # a config of its own, not one "_from_model_config" that transformers may rebuild
+    model.generation_config = GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                                               pad_token_id=c.pad_token_id, **GENERATION_DEFAULTS)
     model.save_pretrained(out)
     save_hf_tokenizer(tokenizer_path, block_size, out)
 

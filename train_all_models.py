@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The whole pipeline in one command: corpus -> MVLM-GPT2 -> Enhanced SIM-ONE -> package -> validate.
+"""The whole pipeline in one command: corpus -> MVLM-GPT2 -> Enhanced SIM-ONE -> validate -> package -> archives.
 
     python3 train_all_models.py                    # preset auto: small on a CUDA GPU, tiny on CPU
     python3 train_all_models.py --only simone      # one model
@@ -8,7 +8,8 @@
 Re-running after a failure or a kill skips the finished stages and resumes an interrupted
 training stage from its latest checkpoint. Each stage's output is shown live and kept in
 logs/<stage>.log; models/training_summary.json records status, duration and key metrics.
-Packaging runs before validation, so the validation report covers the archives too.
+Validation writes each model's card (README.md) into its folder, packaging then archives the
+folders with their cards, and a last stage adds the archives' checks to the validation report.
 """
 from __future__ import annotations
 
@@ -255,13 +256,15 @@ class Pipeline:
                   self.path("logs_dir") / "package.log")
         self.record("package", "done", started, archives=[str(self.path("download_dir") / f"{n}.tar.gz") for n in trained])
 
-    def validate(self, models: list[str]) -> None:
+    def validate(self, models: list[str], stage: str = "validate") -> None:
+        """validate: the models (and their cards); archives: the archives, added to the same report."""
         started = self.begin()
-        run_stage("validate", [sys.executable, REPO / "validate_models.py", "--models_dir", self.path("models_dir"),
-                               "--data_dir", self.path("data_dir"), "--download_dir", self.path("download_dir"),
-                               "--names", *[TRAINERS[m].folder for m in models]],
-                  self.path("logs_dir") / "validate.log")
-        self.record("validate", "passed", started, report=str(self.path("models_dir") / "validation_report.md"))
+        run_stage(stage, [sys.executable, REPO / "validate_models.py", "--models_dir", self.path("models_dir"),
+                          "--data_dir", self.path("data_dir"), "--download_dir", self.path("download_dir"),
+                          "--names", *[TRAINERS[m].folder for m in models],
+                          "--no_archives" if stage == "validate" else "--archives_only"],
+                  self.path("logs_dir") / f"{stage}.log")
+        self.record(stage, "passed", started, report=str(self.path("models_dir") / "validation_report.md"))
 
 
 def main(argv=None) -> None:
@@ -282,8 +285,9 @@ def main(argv=None) -> None:
             pipeline.corpus()
             for model in models:
                 pipeline.train(model)
-        pipeline.package(models)
         pipeline.validate(models)
+        pipeline.package(models)
+        pipeline.validate(models, "archives")
     except StageFailed as err:
         print(f"{PROG}: {err}{pipeline.record_failure(err.stage)}", file=sys.stderr)
         sys.exit(1)

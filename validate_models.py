@@ -9,15 +9,21 @@ For each model folder in --models_dir (--names, or every folder holding a model)
   sizes          bytes of every model file
   loading        AutoModelForCausalLM + AutoTokenizer from the folder alone, in a clean
                  subprocess where nothing of this repo imports; logits equal in-process ones
+  padded batch   a stock text-generation pipeline in such a subprocess, tokenizer padding on
+                 the left: two prompts of different lengths in one batch give the text of one
+                 call each
   generation     fixed prompts, greedy with and without the KV cache (must agree) and sampled
-                 (temperature, top-p, repetition penalty); decode tokens/s; distinct-n
+                 with the folder's own generation_config.json; decode tokens/s; distinct-n
   quality        held-out loss and bits per byte (the trainer's own evaluation code)
   verse recall   "[KJV] John 3:16"-style prompts on training books, greedy: token accuracy,
                  exact match
   retrieval@1    parallel held-out verses, mean-pooled last hidden states
   trace          (SIM-ONE) a generation trace: gates, memory attention, logit lens -> JSON
 and the archives with SHA256SUMS in --download_dir. Writes validation_report.json,
-validation_report.md and two PNG plots to --models_dir; exits 1 naming every failed check.
+validation_report.md and two PNG plots to --models_dir, and a model card (README.md, its figures
+from this report) into each model folder that passed; exits 1 naming every failed check.
+--no_archives checks the models only; --archives_only then adds the archives to the same report
+(train_all_models.py packages in between, so that the archives hold the cards).
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from mvlm_engine.isolation import load_in_clean_interpreter  # noqa: E402
 from mvlm_engine.locks import lock_folder  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.packaging import (MODEL_MANIFEST, archive_listing, check_model_manifest,  # noqa: E402
-                                   check_sha256sums)
+                                   check_sha256sums, read_json, write_model_card)
 from mvlm_engine.parallel_verses import ParallelVerses, mean_pool, retrieval_at_1  # noqa: E402
 from mvlm_engine.runtime import Runtime  # noqa: E402
 from mvlm_engine.tokenizer import token_byte_lengths  # noqa: E402
@@ -56,6 +62,8 @@ PROG = "validate_models.py"
 REPO = Path(__file__).resolve().parent
 REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 PROMPTS = ["[KJV] John 3:16", "[WEB] Genesis 1:1", "[ASV] Psalms 23:1", "In the beginning"]
+# Two prompts of different token lengths, so that a batch of them is padded.
+PADDED_BATCH = ["In the beginning God created the heaven and the earth.", "[KJV] John 3:16"]
 GENERATE_TOKENS = 48
 
 
@@ -70,6 +78,9 @@ class ValidationSettings:
     data_dir: str = setting("mvlm_training_dataset_complete", "the corpus (held-out text, verses)", path=True)
     download_dir: str = setting("models_for_download", "folder of the archives and SHA256SUMS", path=True)
     no_archives: bool = setting(False, "skip the archive checks")
+    archives_only: bool = setting(False, "check only the archives, adding them to the existing report")
+    card_license: str = setting("cc0-1.0", "licence (a Hugging Face licence id) in the model cards' front matter; "
+                                           "the corpus is public domain, the weights' terms are the owner's choice")
     eval_windows: int = setting(64, "held-out windows for loss / bits per byte")
     recall_verses: int = setting(40, "training verses prompted for recall")
     retrieval_pairs: int = setting(200, "held-out parallel verse pairs for retrieval@1")
@@ -83,6 +94,8 @@ class ValidationSettings:
                                               "retrieval_pairs": 10 ** 5})
         errors += [f"--names: {name!r} is not a folder name" for name in self.names
                    if not name or Path(name).name != name or name in (".", "..")]
+        if self.no_archives and self.archives_only:
+            errors.append("--no_archives and --archives_only exclude each other")
         problem = folder_problem(Path(self.models_dir), "--models_dir")
         return errors + ([problem] if problem else [])
 
@@ -133,16 +146,22 @@ class LoadedModel:
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True, sample: bool = False,
-                 seed: int = 0) -> torch.Tensor:
+                 seed: int = 0, **options):
+        """Greedy, or sampled with the folder's generation_config.json (its sampling defaults)."""
         torch.manual_seed(seed)
-        options = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.1) if sample else {}
         return self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=sample, use_cache=use_cache, pad_token_id=self.eos, **options)
 
+    def sampling(self) -> str:
+        c = self.hf.generation_config
+        return f"temperature {c.temperature}, top-p {c.top_p}, top-k {c.top_k}, repetition penalty {c.repetition_penalty}"
+
 
 def check_loading_alone(report: Report, folder: Path, model: LoadedModel) -> None:
+    """The Auto classes and a stock pipeline in a clean interpreter: same logits as here, and a
+    left-padded batch that gives the text of one call per prompt."""
     try:
-        result = load_in_clean_interpreter(folder, PROMPTS[0], model.remote, new_tokens=1)
+        result = load_in_clean_interpreter(folder, PROMPTS[0], model.remote, new_tokens=12, batch_prompts=PADDED_BATCH)
     except RuntimeError as err:
         report.check("loading", False, str(err))
         return
@@ -154,6 +173,11 @@ def check_loading_alone(report: Report, folder: Path, model: LoadedModel) -> Non
     report.check("loading", difference <= tolerance, f"{folder}: loaded alone by the HF Auto classes"
                  f"{' (trust_remote_code)' if model.remote else ''}; max logit difference {difference:.2e} "
                  f"(tolerance {tolerance:.1e})")
+    texts = result["pipeline"]
+    same = texts["batched"] == texts["single"]
+    report.check("padded batch", same, f"{folder}: stock text-generation pipeline, left padding, batch of 2 "
+                 f"(prompts of {texts['prompt_tokens']} tokens): {'same text as' if same else 'DIFFERENT text from'} "
+                 "one call per prompt")
 
 
 def distinct_n(token_lists: list[list[int]], n: int) -> float:
@@ -182,7 +206,7 @@ def check_generation(report: Report, folder: Path, model: LoadedModel) -> None:
         "samples": samples, "decode_tokens_per_s_cache": new_tokens["cache"] / timings["cache"],
         "decode_tokens_per_s_no_cache": new_tokens["no_cache"] / timings["no_cache"],
         "distinct_1": distinct_n(sampled_tokens, 1), "distinct_2": distinct_n(sampled_tokens, 2),
-        "sampling": "temperature 0.8, top-p 0.9, repetition penalty 1.1"}
+        "sampling": model.sampling()}
     report.check("generation", greedy_agree, f"{folder}: greedy generation with and without the KV cache "
                  f"{'agrees' if greedy_agree else 'DIFFERS'} on {len(PROMPTS)} prompts")
 
@@ -238,9 +262,9 @@ def write_trace(report: Report, model: LoadedModel, out: Path) -> None:
     from simone_transformer import trace_to_jsonable
 
     ids = torch.tensor([model.encode(PROMPTS[0])], device=model.device)
-    result = model.hf.model.generate(ids, max_new_tokens=8, temperature=0.0, trace=True)
-    trace = {"prompt": PROMPTS[0], "tokens": result.tokens[0].tolist(),
-             "text": model.tokenizer.decode(result.tokens[0]), "trace": trace_to_jsonable(result.trace)}
+    result = model.generate(ids, 8, trace=True)  # the trace rides along transformers' own generate
+    trace = {"prompt": PROMPTS[0], "tokens": result.sequences[0].tolist(),
+             "text": model.tokenizer.decode(result.sequences[0]), "trace": trace_to_jsonable(result.trace)}
     atomic_write_text(out, json.dumps(trace) + "\n")
     report.metrics["trace_file"] = str(out)
 
@@ -290,13 +314,19 @@ def check_archives(download_dir: Path, names: list[str]) -> Report:
     return report
 
 
-def write_outputs(reports: list[Report], out: Path, started: str) -> dict:
-    data = {"date": started, "passed": all(r.passed for r in reports),
-            "models": {r.name: {k: v for k, v in r.to_dict().items()} for r in reports}}
+def write_outputs(reports: list[Report], out: Path, started: str, archives_only: bool) -> dict:
+    """The report files; with --archives_only the models' part of the earlier report stays as it was."""
+    models = {r.name: r.to_dict() for r in reports}
     histories = {r.name: r.metrics.pop("history") for r in reports if "history" in r.metrics}
+    if archives_only:
+        previous = read_json(out / "validation_report.json")
+        models = {**{k: v for k, v in previous.get("models", {}).items() if k != "archives"}, **models}
+        started = previous.get("date", started)
+    data = {"date": started, "passed": all(m["passed"] for m in models.values()), "models": models}
     atomic_write_text(out / "validation_report.json", json.dumps(data, indent=1) + "\n")
     atomic_write_text(out / "validation_report.md", markdown(data))
-    plot_outputs(histories, data, out)
+    if not archives_only:
+        plot_outputs(histories, data, out)
     return data
 
 
@@ -382,22 +412,32 @@ def model_folders(models_dir: Path, names: list[str]) -> list[Path]:
     return folders
 
 
-def main(argv=None) -> int:
-    args = parse_run_config(ValidationSettings, argv, PROG, __doc__)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    models_dir = Path(args.models_dir)
-    folders = model_folders(models_dir, args.names)
-    locks = [lock_folder(folder, "validate_models.py validation") for folder in folders]  # noqa: F841 (held)
+def validate_folders(folders: list[Path], args: ValidationSettings, started: str) -> list[Report]:
+    """Validate each model folder; give each one that passed its model card, from these figures."""
     corpus = load_corpus(args.data_dir)
     train_verses, val_verses = ParallelVerses(args.data_dir, "train"), ParallelVerses(args.data_dir, "val")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     reports = []
     for folder in folders:
         log.info(f"{folder}")
-        reports.append(validate_model(folder, corpus, train_verses, val_verses, device, args))
+        report = validate_model(folder, corpus, train_verses, val_verses, device, args)
+        reports.append(report)
+        if report.passed:
+            card = write_model_card(folder, {"date": started, **report.to_dict()}, corpus.manifest, args.card_license)
+            log.info(f"model card: {card}")
+    return reports
+
+
+def main(argv=None) -> int:
+    args = parse_run_config(ValidationSettings, argv, PROG, __doc__)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    models_dir = Path(args.models_dir)
+    folders = model_folders(models_dir, args.names)
+    locks = [lock_folder(folder, "validate_models.py validation") for folder in folders]  # noqa: F841 (held)
+    reports = [] if args.archives_only else validate_folders(folders, args, started)
     if not args.no_archives:
         reports.append(check_archives(Path(args.download_dir), [f.name for f in folders]))
-    data = write_outputs(reports, models_dir, started)
+    data = write_outputs(reports, models_dir, started, args.archives_only)
     if args.json:
         print(json.dumps(data, indent=1))
     failed = [(r.name, c) for r in reports for c in r.checks if not c["passed"]]

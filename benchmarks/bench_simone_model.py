@@ -7,8 +7,8 @@ Measures, with every timing interleaved across variants and reported as a median
   `transformers.LlamaForCausalLM` holding the same weights, then the overhead of the
   policy gate, of memory tokens, and of both;
 - forward-only tokens/s with trace off vs on;
-- greedy decode tokens/s: SIM-ONE with and without its KV cache, HF Llama `generate`
-  with its cache.
+- greedy decode tokens/s through transformers' `generate`: SIM-ONE with and without the KV
+  cache, with governance on, and HF Llama holding the same weights.
 Prints a Markdown table. Numbers only; nothing is asserted.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from simone_transformer.enhanced_model import SimOneConfig, SimOneModel
+from simone_transformer.hf_model import SimOneForCausalLM
 
 
 def parse_args() -> argparse.Namespace:
@@ -154,15 +155,19 @@ def main() -> None:
 
     prompt = torch.randint(0, args.vocab_size, (1, args.prompt_len), device=device)
     n = args.new_tokens
-    base = models[baseline_name].eval()
+    base = SimOneForCausalLM.from_native(models[baseline_name].eval())
+    governed = SimOneForCausalLM.from_native(governed.eval())
     llama.eval()
+
+    def greedy(model, **options):  # exactly n new tokens, whatever comes out
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, **options)
+
     decode_tps = interleaved_medians({
-        "decode, SIM-ONE KV cache": decode_timer(lambda: base.generate(prompt, n, temperature=0), n),
-        "decode, SIM-ONE no cache": decode_timer(lambda: base.generate(prompt, n, temperature=0, use_cache=False), n),
-        "decode, SIM-ONE gate + memory, KV cache": decode_timer(
-            lambda: governed.eval().generate(prompt, n, temperature=0), n),
-        "decode, HF Llama generate (cache)": decode_timer(
-            lambda: llama.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False), n),
+        "decode, SIM-ONE KV cache": decode_timer(greedy(base), n),
+        "decode, SIM-ONE no cache": decode_timer(greedy(base, use_cache=False), n),
+        "decode, SIM-ONE gate + memory, KV cache": decode_timer(greedy(governed), n),
+        "decode, HF Llama generate (cache)": decode_timer(greedy(llama), n),
     }, args.repeats)
 
     report(args, device, train_tps, baseline_name, forward_tps, decode_tps, (load_before, os.getloadavg()[0]))

@@ -32,7 +32,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per setting of `cls` (bools get --name and --no_name); absent flags stay absent."""
+    """One flag per setting of `cls` (bools get --name and --no_name; a positional list also takes
+    the bare words after the flags); absent flags stay absent."""
     groups = {}
     for name, leaf in leaves(cls).items():
         title = "model" if len(leaf.path) > 1 else (
@@ -51,6 +52,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             group.add_argument(f"--no_{name}", dest=name, action="store_const", const=False,
                                default=argparse.SUPPRESS, help=f"set {name} to False")
             continue
+        if leaf.field.metadata.get("positional"):
+            group.add_argument(name, nargs="*", default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
         group.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help_text, **flag_type(leaf.hint))
 
 
@@ -65,7 +68,8 @@ def flag_type(hint: Any) -> dict:
 
 
 def build_parser(cls: type, prog: str, description: str) -> OneLineParser:
-    parser = OneLineParser(prog=prog, usage=f"{prog} [options]", description=description,
+    words = "".join(f" [{n.upper()} ...]" for n, leaf in leaves(cls).items() if leaf.field.metadata.get("positional"))
+    parser = OneLineParser(prog=prog, usage=f"{prog} [options]{words}", description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
                         help="JSON file of settings (a run's own train_config.json reproduces it)")

@@ -25,11 +25,13 @@ T = typing.TypeVar("T")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, path: bool = False,
-            per_invocation: bool = False):
+            per_invocation: bool = False, positional: bool = False):
     """A dataclass field carrying its help text. `path`: resolved against the repository root
     when it comes from the default, against the working directory when the user gives it.
-    `per_invocation`: an action for this run only (never saved, refused in config files)."""
-    metadata = {"help": help, "path": path, "per_invocation": per_invocation}
+    `per_invocation`: an action for this run only (never saved, refused in config files).
+    `positional` (a list[str] setting): the words after the flags fill it too, as in
+    `generate.py --model DIR PROMPT ...`."""
+    metadata = {"help": help, "path": path, "per_invocation": per_invocation, "positional": positional}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)

@@ -1,7 +1,9 @@
-"""Model manifests, download archives and their checksums.
+"""Model folders as users get them: sampling defaults, model cards, manifests, download archives
+and their checksums.
 
-At the end of training every model directory gets `model_manifest.json`: sha256 and size of
-each top-level file. `package_model` turns the final model (not checkpoints/ or tensorboard/)
+Every exporter writes GENERATION_DEFAULTS into the folder's generation_config.json. At the end
+of training every model directory gets `model_manifest.json`: sha256 and size of each
+top-level file; validation adds the model card (`write_model_card`). `package_model` turns the final model (not checkpoints/ or tensorboard/)
 into a reproducible .tar.gz; `SHA256SUMS` and DOWNLOAD.md sit beside the archives. The check
 functions return problems as messages that name the file, for validate_models.py.
 """
@@ -20,6 +22,12 @@ from .fileio import (atomic_write_text, ensure_free_space, folder_problem, remov
 from .logs import get_logger
 
 log = get_logger("package")
+
+# Sampling defaults for generation_config.json: a bare model.generate(ids) or
+# pipeline("text-generation") samples with these; validation's sampled generation and generate.py
+# read them back from the folder, so this is their one home. top_k 0 = off (nucleus sampling only).
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1,
+                       "max_new_tokens": 128}
 
 MODEL_MANIFEST = "model_manifest.json"
 NOT_PACKAGED = {"checkpoints", "tensorboard"}
@@ -142,6 +150,140 @@ def write_download_md(folder: Path, models: dict[str, dict]) -> Path:
                   "```\n")
     atomic_write_text(folder / "DOWNLOAD.md", out.getvalue())
     return folder / "DOWNLOAD.md"
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing or unreadable (a card leaves the row out)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_model_card(model_dir: Path, validation: dict, corpus_manifest: dict | None, license_id: str) -> Path:
+    """README.md in `model_dir`: a Hugging Face model card. Every figure in it comes from this run's
+    own files (run_summary.json, train_config.json, generation_config.json) or from `validation`,
+    the model's entry of validation_report.json as just measured ({"date", "passed", "checks",
+    "metrics"}); the corpus part from the corpus manifest."""
+    config = read_json(model_dir / "config.json")
+    tags = ["text-generation", "causal-lm", "bible", "trained-from-scratch", config.get("model_type", "custom")]
+    if "auto_map" in config:
+        tags.append("custom_code")  # the Hub's tag for trust_remote_code models
+    lines = ["---", f"license: {license_id}", "language:", "- en", "library_name: transformers",
+             "pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags],
+             "# datasets: none on the Hub; the corpus is built locally from public-domain texts (see Training data)",
+             *card_model_index(model_dir.name, validation.get("metrics", {})), "---", ""]
+    body = [card_intro(model_dir, "auto_map" in config), card_training(model_dir),
+            card_evaluation(validation), card_data(corpus_manifest), CARD_LIMITATIONS]
+    path = model_dir / "README.md"
+    atomic_write_text(path, "\n".join(lines) + "\n\n".join(part for part in body if part) + "\n")
+    return path
+
+
+def card_model_index(name: str, metrics: dict) -> list[str]:
+    """The model-index block (the Hub's evaluation results) from validation's held-out figures."""
+    held_out, recall = metrics.get("held_out"), metrics.get("verse_recall")
+    if not held_out:
+        return []
+    rows = [("loss", "held-out loss (nats/token)", held_out["val_loss"]),
+            ("bits_per_byte", "held-out bits per byte", held_out["val_bpb"])]
+    if recall:
+        rows.append(("accuracy", "verse recall token accuracy (training verses)", recall["token_accuracy"]))
+    if metrics.get("retrieval_at_1"):
+        rows.append(("accuracy", "parallel-verse retrieval@1", metrics["retrieval_at_1"]["score"]))
+    out = ["model-index:", f"- name: {json.dumps(name)}", "  results:", "  - task:", "      type: text-generation",
+           "    dataset:", '      name: "held-out books of the public-domain Bible corpus"', "      type: local",
+           "    metrics:"]
+    for kind, label, value in rows:
+        out += [f"    - type: {kind}", f"      name: {json.dumps(label)}", f"      value: {round(value, 4)}"]
+    return out
+
+
+def card_intro(model_dir: Path, remote_code: bool) -> str:
+    """Title, the trainer's description, and how to run it."""
+    summary, generation = read_json(model_dir / "run_summary.json"), read_json(model_dir / "generation_config.json")
+    remote = ", trust_remote_code=True" if remote_code else ""
+    defaults = ", ".join(f"{k} {generation[k]}" for k in ("temperature", "top_p", "repetition_penalty",
+                                                         "max_new_tokens") if k in generation)
+    return (f"# {model_dir.name}\n\n{summary.get('description', '')}\n\n## How to use\n\n"
+            "```python\nfrom transformers import pipeline\n"
+            f'generator = pipeline("text-generation", model="{model_dir.name}"{remote})\n'
+            'print(generator("[KJV] John 3:16")[0]["generated_text"])\n```\n\n'
+            f"generation_config.json samples by default ({defaults}); pass do_sample=False for greedy text. "
+            f"From the training repository: `python3 generate.py --model {model_dir.name} \"[KJV] John 3:16\"`."
+            + (" The modelling code ships in this folder, hence trust_remote_code." if remote_code else ""))
+
+
+def card_training(model_dir: Path) -> str:
+    """How it was trained: run_summary.json and train_config.json, as written by the trainer."""
+    summary, config = read_json(model_dir / "run_summary.json"), read_json(model_dir / "train_config.json")
+    if not summary:
+        return ""
+    rows = [("preset", config.get("preset")), ("optimizer steps", summary.get("steps")),
+            ("training tokens seen", summary.get("tokens_seen")),
+            ("sequence length", config.get("block_size")), ("vocabulary (byte-level BPE)", config.get("vocab_size")),
+            ("non-embedding parameters", summary.get("non_embedding_params")),
+            ("optimizer, peak learning rate", f"{config.get('optimizer')}, {config.get('learning_rate')}"),
+            ("precision", summary.get("precision")),
+            ("devices", f"{summary.get('world_size')} x {summary.get('device')}"),
+            ("final held-out loss (trainer's evaluation)", summary.get("final_val_loss")),
+            ("wall time of the last training process (s)", summary.get("wall_seconds_this_process"))]
+    return "## Training\n\nTrained from scratch (random initialisation, own tokenizer); no pretrained weights.\n\n" \
+        + card_table(rows) + "\n\nEvery setting of the run is in train_config.json (`--config` it to reproduce)."
+
+
+def card_evaluation(validation: dict) -> str:
+    """validate_models.py's figures for this model, with the checks it passed."""
+    m = validation.get("metrics", {})
+    if "held_out" not in m:
+        return ""
+    held, gen = m["held_out"], m.get("generation", {})
+    rows = [("held-out loss (nats/token)", held["val_loss"]), ("held-out bits per byte", held["val_bpb"]),
+            ("held-out windows x tokens", f"{held['windows']} x {held['block_size']}")]
+    if "verse_recall" in m:
+        rows += [("verse recall token accuracy", m["verse_recall"]["token_accuracy"]),
+                 ("verse recall exact match", m["verse_recall"]["exact_match"])]
+    if "retrieval_at_1" in m:
+        r = m["retrieval_at_1"]
+        rows.append(("parallel-verse retrieval@1", f"{r['score']:.4f} over {r['pairs']} pairs (chance {r['chance']:.4f})"))
+    if gen:
+        rows += [("distinct-2 of sampled text", gen.get("distinct_2")),
+                 ("greedy decode tokens/s, KV cache", gen.get("decode_tokens_per_s_cache"))]
+    checks = ", ".join(f"{c['check']} {'passed' if c['passed'] else 'FAILED'}" for c in validation.get("checks", []))
+    return (f"## Evaluation\n\nMeasured by validate_models.py on {validation.get('date', 'n/a')}:\n\n"
+            + card_table(rows) + f"\n\nChecks: {checks or 'none'}.")
+
+
+def card_data(manifest: dict | None) -> str:
+    """The corpus, from its manifest.json (the builder's record of what went in)."""
+    if not manifest:
+        return "## Training data\n\nThe corpus folder had no manifest.json: see train_config.json's data_dir."
+    codes = ", ".join(t["code"] for t in manifest.get("translations", []))
+    held_out = ", ".join(manifest.get("heldout_books", []))
+    return (f"## Training data\n\n{len(manifest.get('translations', []))} English Bible translations ({codes}), "
+            f"{manifest.get('total_chars', 0):,} characters, from {manifest.get('source', 'n/a')}. "
+            f"Licence policy: {manifest.get('licence_policy', 'n/a')}. Held out of training, whole, in every "
+            f"translation: {held_out or 'n/a'}. The corpus is not on the Hugging Face Hub; it is rebuilt "
+            "byte for byte by the training repository's mvlm_training_dataset_complete/prepare.py.")
+
+
+CARD_LIMITATIONS = ("## Limitations\n\nA small model trained on one domain: it continues text in the style of "
+                    "English Bible translations and knows little else. It follows no instructions, recalls verses "
+                    "imperfectly (see verse recall above) and may mix translations or invent verses; do not quote "
+                    "it as scripture or as a source of facts.")
+
+
+def card_table(rows: list[tuple[str, object]]) -> str:
+    def show(value):
+        if isinstance(value, float):
+            return f"{value:,.4f}"
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    return "| | |\n| --- | ---: |\n" + "\n".join(f"| {label} | {show(value)} |" for label, value in rows
+                                               if value is not None)
 
 
 def describe_model(model_dir: Path) -> dict:

@@ -36,7 +36,7 @@ def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_r
     root, proc = pipeline_run
     assert "preset tiny: no CUDA GPU is visible" in proc.stdout
     summary = json.loads((root / "models" / "training_summary.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["corpus", "gpt2", "simone", "package", "validate"]
+    assert [s["stage"] for s in summary["stages"]] == ["corpus", "gpt2", "simone", "validate", "package", "archives"]
     assert summary["stages"][-1]["status"] == "passed"
     for stage in summary["stages"][1:3]:
         assert stage["status"] == "done" and stage["steps"] == 24 and stage["tokens_seen"] == 24 * 8 * 128
@@ -64,6 +64,34 @@ def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_r
     assert (root / "models" / "validation_report.md").read_text().startswith("# Validation report")
     assert (root / "models" / "validation_metrics.png").stat().st_size > 0
     assert json.loads((root / "models" / "validation_trace_simone_enhanced.json").read_text())["trace"]
+
+
+def test_folders_are_hub_ready_with_cards_from_the_report(pipeline_run):
+    """generation_config.json samples by default; README.md is a model card whose figures are the
+    validation report's; the archives carry the cards; a left-padded pipeline batch was checked."""
+    import tarfile
+
+    import yaml
+
+    root, _ = pipeline_run
+    report = json.loads((root / "models" / "validation_report.json").read_text())
+    for name in ("mvlm_gpt2", "simone_enhanced"):
+        folder = root / "models" / name
+        generation = json.loads((folder / "generation_config.json").read_text())
+        assert generation["do_sample"] is True and 0 < generation["temperature"] < 1
+        checks = {c["check"]: c["passed"] for c in report["models"][name]["checks"]}
+        assert checks["padded batch"] and checks["loading"]
+        card = (folder / "README.md").read_text()
+        front = yaml.safe_load(card.split("---\n")[1])
+        assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+        assert front["language"] == ["en"] and front["license"] and ("custom_code" in front["tags"]) == (
+            name == "simone_enhanced")
+        held_out = report["models"][name]["metrics"]["held_out"]
+        metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+        assert metrics["held-out loss (nats/token)"] == round(held_out["val_loss"], 4)
+        assert f"{held_out['val_bpb']:,.4f}" in card and "## Training data" in card
+        with tarfile.open(root / "downloads" / f"{name}.tar.gz") as tar:
+            assert tar.extractfile(f"{name}/README.md").read().decode() == card
 
 
 def test_rerun_skips_finished_stages(pipeline_run, small_corpus):

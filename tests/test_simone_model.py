@@ -1,4 +1,5 @@
-"""Enhanced SIM-ONE model: Llama parity, KV cache, governance mechanisms, packaging.
+"""Enhanced SIM-ONE model: Llama parity, KV cache, padding, governance mechanisms, HF generation,
+packaging.
 
 Tiny random-weight models on CPU. Weights are randomised beyond the default init
 (norm scales included) so that a mismatch in any parameter shows up in the logits.
@@ -14,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers import DynamicCache
+
 from simone_transformer import rope_attention
 from simone_transformer.enhanced_model import (
     SimOneConfig,
     SimOneModel,
     llama_incompatible_features,
-    sample_next_token,
     trace_to_jsonable,
 )
 from simone_transformer.hf_model import SimOneForCausalLM, SimOneHFConfig, load_native, save_pretrained_dir
@@ -53,6 +55,13 @@ def make_model(seed: int = 0, **overrides) -> SimOneModel:
 
 def tokens(batch: int = 2, length: int = 12, vocab: int = 96, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model: SimOneModel, prompt: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
+    """n greedy tokens through transformers' GenerationMixin -> (B, T + n), prompt included."""
+    wrapper = SimOneForCausalLM.from_native(model)
+    return wrapper.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                            **kwargs)
 
 
 def load_export_module():
@@ -140,8 +149,8 @@ def test_export_cli_refuses_governance_and_bad_paths(tmp_path):
 def test_cached_generation_equals_uncached(policy_gate, memory_tokens):
     model = make_model(policy_gate=policy_gate, memory_tokens=memory_tokens)
     prompt = tokens(length=7)
-    cached = model.generate(prompt, max_new_tokens=12, temperature=0, use_cache=True).tokens
-    uncached = model.generate(prompt, max_new_tokens=12, temperature=0, use_cache=False).tokens
+    cached = greedy(model, prompt, 12, use_cache=True)
+    uncached = greedy(model, prompt, 12, use_cache=False)
     assert cached.shape == (2, 19)
     assert torch.equal(cached, uncached)
 
@@ -152,11 +161,131 @@ def test_incremental_logits_equal_full_forward():
     x = tokens(length=14)
     with torch.no_grad():
         full = model(x).logits
-        cache = model.new_cache(14)
+        cache = DynamicCache()
         parts = [model(x[:, :5], cache=cache).logits, model(x[:, 5:9], cache=cache).logits]
         parts += [model(x[:, i : i + 1], cache=cache).logits for i in range(9, 14)]
-    assert cache.length == 3 + 14
+    assert cache.get_seq_length() == 3 + 14
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- padding, HF generation, export
+
+
+def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token rows -> left-padded input_ids (B, T) and attention_mask (B, T), as a tokenizer
+    with padding_side="left" makes them."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+PADDING_CASES = {
+    "governance_off": GOVERNANCE_OFF,
+    "gate_and_memory": dict(policy_gate=True, memory_tokens=3),
+    "gate_only": dict(policy_gate=True, memory_tokens=0),
+    "value_embeddings_x0_unet": dict(memory_tokens=2, value_embeddings=True, x0_mix=True, unet_skips=True,
+                                     qk_norm=True, n_layers=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PADDING_CASES))
+def test_left_padded_batch_computes_and_generates_what_single_rows_do(case):
+    model = make_model(**PADDING_CASES[case])
+    rows = [tokens(batch=1, length=n, seed=n)[0] for n in (9, 4, 6)]
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for i, r in enumerate(rows):  # every real position, padding ignored
+            torch.testing.assert_close(batched[i, -len(r):], model(r[None]).logits[0], atol=1e-5, rtol=1e-5)
+    wrapper = SimOneForCausalLM.from_native(model, pad_token_id=0)
+    out = wrapper.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    for i, r in enumerate(rows):
+        assert torch.equal(out[i, ids.shape[1]:], greedy(model, r[None], 8)[0, len(r):]), i
+
+
+def test_padded_trace_matches_single_rows_and_records_zero_on_padding():
+    model = make_model(policy_gate=True, memory_tokens=3)
+    rows = [tokens(batch=1, length=n, seed=n)[0] for n in (8, 5)]
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, trace=True).trace
+        single = model(rows[1][None], trace=True).trace
+    for key in ("policy_gate", "memory_mass", "lens_top_ids"):
+        torch.testing.assert_close(batched[key][:, 1, 3:], single[key][:, 0], atol=1e-5, rtol=1e-4)
+    assert not batched["policy_gate"][:, 1, :3].any() and not batched["memory_mass"][:, 1, :3].any()
+
+
+def test_generation_mixin_strategies_and_processors():
+    """What the hand-written loop refused or ignored: beams, several sequences, n-gram and word
+    bans, suppressed tokens, streamers, dict outputs."""
+    from transformers.generation.streamers import BaseStreamer
+
+    model = make_model(policy_gate=True, memory_tokens=3)
+    wrapper = SimOneForCausalLM.from_native(model, pad_token_id=0)
+    prompt = tokens(batch=2, length=6)
+    mask = torch.ones_like(prompt)
+    beams = [wrapper.generate(prompt, attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=2,
+                              do_sample=False, use_cache=use_cache) for use_cache in (True, False)]
+    assert beams[0].shape == (4, 12) and torch.equal(beams[0], beams[1])  # the cache reorders memory rows too
+    torch.manual_seed(0)
+    sampled = wrapper.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=True, num_return_sequences=3)
+    assert sampled.shape == (6, 12) and len({tuple(r.tolist()) for r in sampled}) > 1
+
+    free = greedy(model, prompt, 12)[:, 6:]
+    banned = int(free[0, 0])
+    out = greedy(model, prompt, 12, bad_words_ids=[[banned]], suppress_tokens=[int(free[1, 0])],
+                 no_repeat_ngram_size=2)[:, 6:]
+    assert banned not in out.tolist()[0] + out.tolist()[1] and int(out[1, 0]) != int(free[1, 0])
+    for row in out.tolist():
+        assert len(set(zip(row, row[1:]))) == len(row) - 1  # no bigram twice
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Collect()
+    result = wrapper.generate(prompt[:1], max_new_tokens=4, do_sample=False, streamer=streamer,
+                              return_dict_in_generate=True, output_scores=True)
+    assert streamer.chunks[-1] == "end" and len(streamer.chunks) == 1 + 4 + 1  # prompt, each token, end
+    assert len(result.scores) == 4 and result.sequences.shape == (1, 10)
+
+
+class LogitsOnly(torch.nn.Module):
+    """What an exporter traces: input_ids -> logits."""
+
+    def __init__(self, model: SimOneModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids).logits
+
+
+def test_export_at_dynamic_length_with_governance_on(tmp_path):
+    """torch.export (the front end of torch.onnx's dynamo exporter) at a symbolic length; the
+    ONNX file too where onnxscript is installed."""
+    model = make_model(policy_gate=True, memory_tokens=3, qk_norm=True)
+    seq = torch.export.Dim("seq", min=2, max=model.config.max_seq_len)
+    program = torch.export.export(LogitsOnly(model), (tokens(length=9),), dynamic_shapes=({1: seq},))
+    for length in (5, 17):
+        x = tokens(length=length, seed=length)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x).logits, atol=1e-5, rtol=1e-5)
+    if importlib.util.find_spec("onnxscript") is None:
+        return
+    onnx_program = torch.onnx.export(LogitsOnly(model), (tokens(length=9),), dynamo=True,
+                                     dynamic_shapes=({1: seq},))
+    onnx_program.save(str(tmp_path / "simone.onnx"))
+    assert (tmp_path / "simone.onnx").stat().st_size > 0
 
 
 # --------------------------------------------------------------------------- memory tokens
@@ -294,35 +423,25 @@ def test_trace_off_mechanisms_are_absent_and_generation_trace_aligns():
 
     model = make_model(policy_gate=True, memory_tokens=2)
     prompt = tokens(length=6)
-    cached = model.generate(prompt, max_new_tokens=5, temperature=0, trace=True)
-    uncached = model.generate(prompt, max_new_tokens=5, temperature=0, trace=True, use_cache=False)
+    cached = greedy(model, prompt, 5, trace=True)
+    uncached = greedy(model, prompt, 5, trace=True, use_cache=False)
     assert cached.trace["policy_gate"].shape == (2, 2, 6 + 5 - 1, 4)
     for key in cached.trace:
         torch.testing.assert_close(cached.trace[key], uncached.trace[key], atol=1e-5, rtol=1e-4)
     # The last layer's lens at position t names the token generated at t + 1.
-    assert torch.equal(cached.trace["lens_top_ids"][-1, :, 5:, 0], cached.tokens[:, 6:])
+    assert torch.equal(cached.trace["lens_top_ids"][-1, :, 5:, 0], cached.sequences[:, 6:])
+    with pytest.raises(ValueError, match="num_beams=1"):
+        greedy(model, prompt, 2, trace=True, num_beams=2)
 
 
 # --------------------------------------------------------------------------- sampling, dtype, HF wrapper
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
-    previous = torch.tensor([[1]])
-    gen = torch.Generator().manual_seed(0)
-    assert sample_next_token(logits, previous, temperature=0).item() == 1
-    assert sample_next_token(logits, previous, temperature=0, repetition_penalty=2.0).item() == 2
-    draws = {sample_next_token(logits, previous, top_k=2, generator=gen).item() for _ in range(200)}
-    assert draws == {1, 2}
-    draws = {sample_next_token(logits, previous, top_p=0.3, generator=gen).item() for _ in range(50)}
-    assert draws == {1}
 
 
 def test_bf16_autocast_forward_and_generation():
     model = make_model(policy_gate=True, memory_tokens=2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens(), trace=True)
-        generated = model.generate(tokens(length=4), max_new_tokens=3, temperature=0).tokens
+        generated = greedy(model, tokens(length=4), 3)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     assert generated.shape == (2, 7)
 
@@ -356,45 +475,49 @@ def write_tiny_tokenizer(path: Path) -> Path:
 
 
 @pytest.mark.e2e
-def test_trust_remote_code_load_in_clean_process(tmp_path):
+def test_trust_remote_code_load_and_padded_pipeline_batch_in_clean_process(tmp_path):
+    """Loads alone; and the done-when of batched generation: a stock pipeline("text-generation",
+    model=DIR, trust_remote_code=True), tokenizer padding on the left, batch_size=2, returns
+    the text of one call per prompt."""
     from mvlm_engine.isolation import load_in_clean_interpreter
+    from mvlm_engine.packaging import GENERATION_DEFAULTS
     from mvlm_engine.tokenizer import save_hf_tokenizer
 
     model = make_model(vocab_size=300, policy_gate=True, memory_tokens=3)
     special_ids = save_hf_tokenizer(write_tiny_tokenizer(tmp_path / "t.json"), 64, tmp_path / "model")
-    model_dir = save_pretrained_dir(model, tmp_path / "model", special_ids)
+    model_dir = save_pretrained_dir(model, tmp_path / "model", special_ids, generation=GENERATION_DEFAULTS)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", "hf_model.py"} <= {p.name for p in model_dir.iterdir()}
 
+    batch = ["In the beginning God created the heaven and the earth", "God created"]
     result = load_in_clean_interpreter(model_dir, "In the beginning God created", trust_remote_code=True,
-                                       new_tokens=6)
+                                       new_tokens=6, batch_prompts=batch)
+    texts = result["pipeline"]
+    assert texts["prompt_tokens"][0] > texts["prompt_tokens"][1]  # so the batch is padded
+    assert texts["batched"] == texts["single"]
+    assert all(text.startswith(prompt) and len(text) > len(prompt) for prompt, text in zip(batch, texts["single"]))
     ids = torch.tensor([result["ids"]])
     with torch.no_grad():
         expected = model(ids).logits[0]
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=1e-5)
-    native = model.generate(ids, max_new_tokens=6, temperature=0).tokens
+    native = greedy(model, ids, 6)
     assert result["greedy_ids"] == native[0, ids.shape[1]:].tolist()
 
 
-def test_generation_stops_at_eos_and_hf_generate_pads(tmp_path):
+def test_generation_stops_at_eos_and_pads_finished_rows():
     model = make_model(policy_gate=True, memory_tokens=2)
-    prompt = tokens(batch=1, length=5)
-    free = model.generate(prompt, max_new_tokens=6, temperature=0).tokens
-    eos = int(free[0, 7])  # the third generated token
+    prompt = tokens(batch=2, length=5)
+    free = greedy(model, prompt, 6)
+    eos = int(free[0, 7])  # row 0's third generated token
     first_eos = 5 + int((free[0, 5:] == eos).nonzero()[0])  # it may also come earlier
-    stopped = model.generate(prompt, max_new_tokens=6, temperature=0, eos_token_id=eos).tokens
-    assert torch.equal(stopped, free[:, : first_eos + 1])
-
-    wrapper = SimOneForCausalLM(SimOneHFConfig(**model.config.to_dict()))
-    wrapper.model.load_state_dict(model.state_dict())
-    assert torch.equal(wrapper.generate(prompt, max_new_tokens=6, do_sample=False), free)
-    with pytest.raises(ValueError, match="unsupported generate arguments"):
-        wrapper.generate(prompt, max_new_tokens=2, not_an_option=True)
+    pad = 0 if eos != 0 else 1
+    stopped = greedy(model, prompt, 6, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(stopped[0, : first_eos + 1], free[0, : first_eos + 1])
+    assert bool((stopped[0, first_eos + 1:] == pad).all())  # HF's convention: a finished row is padded
+    assert torch.equal(greedy(model, prompt[:1], 6, eos_token_id=eos), free[:1, : first_eos + 1])
 
 
 def test_hf_wrapper_honours_use_cache_and_returns_final_hidden_states(tmp_path):
-    from simone_transformer.hf_model import SimOneForCausalLM, save_pretrained_dir
-
     torch.manual_seed(0)
     native = SimOneModel(tiny_config(memory_tokens=2)).eval()
     save_pretrained_dir(native, tmp_path / "m")
@@ -403,20 +526,14 @@ def test_hf_wrapper_honours_use_cache_and_returns_final_hidden_states(tmp_path):
     with torch.no_grad():
         out = hf(ids, output_hidden_states=True)
         assert torch.equal(out.hidden_states[-1], native(ids).hidden_states)
-    calls = []
-    original = native.__class__.generate
-
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs.get("use_cache"))
-        return original(self, *args, **kwargs)
-
-    native.__class__.generate = spy
-    try:
-        with_cache = hf.generate(ids, max_new_tokens=6, do_sample=False)
-        without = hf.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
-    finally:
-        native.__class__.generate = original
-    assert calls == [True, False]
+    lengths = []  # tokens each forward call reads
+    hook = hf.model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with_cache = hf.generate(ids, max_new_tokens=6, do_sample=False)
+    assert lengths == [7, 1, 1, 1, 1, 1]  # prefill, then one token per step from the cache
+    lengths.clear()
+    without = hf.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    hook.remove()
+    assert lengths == [7, 8, 9, 10, 11, 12]
     assert torch.equal(with_cache, without)
 
 
@@ -464,13 +581,13 @@ def test_llama_incompatible_features_names_every_switched_on_piece():
 def test_recipe_switches_keep_cached_equal_uncached(switch, memory_tokens):
     model = make_model(policy_gate=True, memory_tokens=memory_tokens, **RECIPE_SWITCHES[switch])
     prompt = tokens(length=7)
-    cached = model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=True).tokens
-    uncached = model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=False).tokens
+    cached = greedy(model, prompt, 10, use_cache=True)
+    uncached = greedy(model, prompt, 10, use_cache=False)
     assert torch.equal(cached, uncached)
     x = tokens(length=13)
     with torch.no_grad():  # prefill, a multi-token chunk after a cached prefix, single tokens
         full = model(x).logits
-        cache = model.new_cache(13)
+        cache = DynamicCache()
         parts = [model(x[:, :4], cache=cache).logits, model(x[:, 4:9], cache=cache).logits]
         parts += [model(x[:, i : i + 1], cache=cache).logits for i in range(9, 13)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -613,5 +730,5 @@ def test_recipe_fields_round_trip_save_and_trust_remote_code(tmp_path, fields_on
     with torch.no_grad():
         expected = model(ids).logits[0]
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=1e-5)
-    native = model.generate(ids, max_new_tokens=6, temperature=0).tokens
+    native = greedy(model, ids, 6)
     assert result["greedy_ids"] == native[0, ids.shape[1]:].tolist()

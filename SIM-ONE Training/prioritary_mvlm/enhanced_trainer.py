@@ -15,6 +15,7 @@ import torch
 from mvlm_engine.data import BlockSampler, LMBatches
 from mvlm_engine.logs import get_logger
 from mvlm_engine.metrics import transformer_flops_per_token
+from mvlm_engine.packaging import GENERATION_DEFAULTS
 from mvlm_engine.parallel_verses import ParallelVerses, encode_padded
 from mvlm_engine.runtime import Runtime, sdpa_backend_name
 from mvlm_engine.shards import prepare_token_data
@@ -113,4 +114,4 @@ class EnhancedPrioritaryTrainer:
 def export(model: SimOneModel, tokenizer_path: Path, block_size: int, out: Path) -> None:
     """The trust_remote_code directory: tokenizer files, then weights, config and modelling code."""
     special_ids = save_hf_tokenizer(tokenizer_path, block_size, out)
-    save_pretrained_dir(model, out, special_ids)
+    save_pretrained_dir(model, out, special_ids, generation=GENERATION_DEFAULTS)

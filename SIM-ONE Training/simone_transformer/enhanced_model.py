@@ -8,16 +8,19 @@ governance mechanisms, each a config switch:
                               2020, arXiv 2006.11527). They get no logits, hence no loss,
                               and sit at RoPE position 0 (i.e. unrotated), so real token t
                               keeps position t whether memory is on or off. Generation
-                              prefills them once into the KV cache;
+                              prefills them once into the KV cache; padding never hides them;
 - trace   (`forward(..., trace=True)`): a per-token record of the gates, the attention
                               mass on memory, and a logit-lens top-k per layer.
 
 Training-recipe switches (QK-norm, zero-init projections and head, logit soft-cap, value residual
 or value embeddings, ReLU^2 MLP, x0 mixing, U-net skips; see SimOneConfig) come from
 modded-nanogpt. The defaults are the recipe measured in RESULTS.md: of these pieces only the
-untied zero-initialised head is on (the others showed no gain beyond the seed spread). With everything `llama_incompatible_features` lists
-off, the model is numerically a Llama model (same parameter names, see export_llama.py). Reads top to bottom: config, block, model,
-generation, trace helpers. Imports only torch and sibling files (trust_remote_code).
+untied zero-initialised head is on (the others showed no gain beyond the seed spread). With
+everything `llama_incompatible_features` lists off, the model is numerically a Llama model (same
+parameter names, see export_llama.py). Reads top to bottom: config, block, model, trace helpers.
+Generation is Hugging Face's GenerationMixin, through the wrapper in hf_model.py: this model
+takes HF's attention mask, position ids and KV cache (`forward`). Imports only torch and sibling
+files (trust_remote_code).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modern_layers import MLP_TYPES, MLPS, RMSNorm, RotaryEmbedding
-from .rope_attention import ATTENTION_BACKENDS, CausalSelfAttention, KVCache
+from .rope_attention import ATTENTION_BACKENDS, CausalSelfAttention, padded_causal_mask
 
 # --------------------------------------------------------------------------- config
 
@@ -175,11 +178,14 @@ class Block(nn.Module):
         # (a, b) of a * x + b * x0: starts as the plain residual stream (a=1, b=0).
         self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
-    def forward(self, x, cos, sin, cache=None, n_memory=0, record=None, value_extra=None, x0=None):
-        """-> (x, this layer's values before mixing (B, KV, S, hd)). x0: the embedded input (x0_mix)."""
+    def forward(self, x, cos, sin, cache=None, start=0, mask=None, n_memory=0, record=None, value_extra=None,
+                x0=None):
+        """-> (x, this layer's values before mixing (B, KV, S, hd)). x0: the embedded input (x0_mix);
+        the other arguments as in CausalSelfAttention.forward."""
         if self.x0_lambdas is not None:
             x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
-        h, values = self.self_attn(self.input_layernorm(x), cos, sin, cache, n_memory, record, value_extra)
+        h, values = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask, n_memory, record,
+                                   value_extra)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), values
 
@@ -190,23 +196,13 @@ class SimOneOutput:
 
     logits:        (B, T, V)
     hidden_states: (B, T, D) final-normed hidden states (input of the LM head)
-    cache:         the KVCache passed in (now advanced), or None
+    cache:         the KV cache passed in (now holding this call's positions too), or None
     trace:         dict of tensors (see SimOneModel.forward), or None
     """
 
     logits: torch.Tensor
     hidden_states: torch.Tensor
-    cache: KVCache | None = None
-    trace: dict | None = None
-
-
-@dataclass
-class GenerationResult:
-    """tokens: (B, T_prompt + n_new), the prompt included. trace: as in forward, over
-    the T_prompt + n_new - 1 positions that were fed to the model (position t records
-    the step that predicted token t + 1), or None when not asked for."""
-
-    tokens: torch.Tensor
+    cache: object | None = None
     trace: dict | None = None
 
 
@@ -291,59 +287,97 @@ class SimOneModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def new_cache(self, max_tokens: int) -> KVCache:
-        """An empty KV cache for up to `max_tokens` real tokens (memory slots added)."""
-        return KVCache(self.config.n_layers, self.config.memory_tokens + max_tokens)
-
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
         trace: bool = False,
         trace_top_k: int | None = None,
     ) -> SimOneOutput:
         """input_ids (B, T) -> SimOneOutput with logits (B, T, V) for the real tokens.
 
-        cache: a KVCache from `new_cache`; the tokens are appended to it. On an empty
-            cache (and always without one) the memory tokens are prepended; afterwards
-            they live in the cache.
+        attention_mask: (B, P + T) over the real tokens so far (P of them cached), 1 = token,
+            0 = padding, as in transformers; None = no padding. Padded keys are never attended;
+            the memory tokens always are.
+        position_ids: (B, T) RoPE positions of input_ids; default: counted along attention_mask
+            (a row's first real token is position 0, so left padding shifts nothing), else P .. P + T - 1.
+        cache: a KV cache with Hugging Face's Cache API (e.g. transformers.DynamicCache); the
+            tokens are appended to it. On an empty cache (and always without one) the memory
+            tokens are prepended; afterwards they live in the cache.
         trace: also return a dict of detached tensors, L = n_layers, k = top-k:
             "policy_gate"    (L, B, T, H)  gate per head (only when policy_gate)
             "memory_mass"    (L, B, T, H)  attention probability on memory tokens
                                            (only when memory_tokens > 0)
             "lens_top_ids"   (L, B, T, k)  logit lens: final norm + LM head applied to
             "lens_top_probs" (L, B, T, k)  each layer's residual stream, top-k softmax
+            Padded positions record a gate and a memory mass of 0.
         Tracing only reads activations; the logits are identical with it on or off.
         """
         B, T = input_ids.shape
         n_mem = self.config.memory_tokens
-        start = cache.length if cache is not None else 0
-        prepend = n_mem if start == 0 else 0  # memory rows in this call's sequence
-        first_pos = start - n_mem if start > 0 else 0  # RoPE position of input_ids[:, 0]
+        cached = cache.get_seq_length() if cache is not None else 0  # memory rows included
+        prepend = n_mem if cached == 0 else 0  # memory rows in this call's sequence
+        past = cached - n_mem if cached else 0  # real tokens already in the cache
+        real = self._real_tokens(attention_mask, past, T)  # (B, P + T) bool, or None: no padding
+        cos, sin = self.rope(self._positions(position_ids, real, past, T, input_ids.device))  # (B|1, T, hd)
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.rope(first_pos, T)  # (T, hd)
         if prepend:
             memory = self.memory_embeddings.to(x.dtype).expand(B, -1, -1)  # (N, D) -> (B, N, D)
             x = torch.cat((memory, x), dim=1)  # (B, N + T, D)
-            # Position 0 for every memory token: the rotation is the identity there.
-            cos = torch.cat((self.rope.cos[:1].expand(n_mem, -1), cos))  # (N + T, hd)
-            sin = torch.cat((self.rope.sin[:1].expand(n_mem, -1), sin))
+            # Position 0 for every memory token: the rotation is the identity there. The tables keep
+            # their batch size: 1 when every row has the same positions.
+            cos = torch.cat((self.rope.cos[:1].expand(cos.shape[0], n_mem, -1), cos), dim=1)  # (B|1, N + T, hd)
+            sin = torch.cat((self.rope.sin[:1].expand(sin.shape[0], n_mem, -1), sin), dim=1)
+        mask = None
+        if real is not None:  # keys: the memory tokens (always visible), then the real ones
+            mask = padded_causal_mask(torch.cat((real.new_ones(B, n_mem), real), dim=1), prepend + T)
 
         records = [{} for _ in self.layers] if trace else None
         lens = [] if trace else None
-        x = self._run_layers(x, input_ids, cos, sin, cache, prepend, records, lens, trace_top_k)
-        if cache is not None:
-            cache.advance(x.shape[1])
+        x = self._run_layers(x, input_ids, cos, sin, (cache, cached, mask), prepend, records, lens, trace_top_k)
 
         hidden = self.norm(x[:, prepend:])  # (B, T, D): real tokens only
         logits = self.logits(hidden)
-        trace_out = self._collect_trace(records, lens, prepend) if trace else None
+        trace_out = None
+        if trace:
+            trace_out = self._collect_trace(records, lens, prepend, None if real is None else real[:, -T:])
         return SimOneOutput(logits=logits, hidden_states=hidden, cache=cache, trace=trace_out)
 
-    def _run_layers(self, x, input_ids, cos, sin, cache, prepend, records, lens, trace_top_k):
+    @staticmethod
+    def _real_tokens(attention_mask: torch.Tensor | None, past: int, T: int) -> torch.Tensor | None:
+        """attention_mask as bool (B, past + T), or None when it hides nothing (the fast paths)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape[-1] != past + T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens; the cache holds {past} "
+                             f"and input_ids has {T}")
+        # An all-ones check reads the data; an export keeps the mask path for every input instead.
+        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            return None
+        return attention_mask.bool()
+
+    def _positions(self, position_ids, real, past: int, T: int, device) -> torch.Tensor:
+        """RoPE positions (B or 1, T) of this call's tokens, checked against max_seq_len."""
+        if position_ids is None:
+            if real is not None:  # count real tokens only: padding occupies no position
+                position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=device)[None]
+        # No row holds more than past + T real tokens: a plain-int bound, data read only beyond it.
+        limit = self.config.max_seq_len
+        if past + T > limit and (real is None or int(position_ids.max()) >= limit):
+            raise ValueError(f"position {past + T - 1} is beyond max_seq_len ({limit}); "
+                             "shorten the input or raise max_seq_len")
+        return position_ids
+
+    def _run_layers(self, x, input_ids, cos, sin, attention, prepend, records, lens, trace_top_k):
         """The blocks in order, with the value residual / value embeddings, x0 mixing and
-        U-net skips when switched on. x (B, N + T, D) -> (B, N + T, D)."""
+        U-net skips when switched on. x (B, N + T, D) -> (B, N + T, D). attention: (cache,
+        positions it held before this call, padding mask or None), the same for every layer."""
+        cache, start, mask = attention
         x0, first_values, skips = x, None, []
         L = len(self.layers)
         n_skip = L // 2 if self.skip_weights is not None else 0
@@ -352,7 +386,7 @@ class SimOneModel(nn.Module):
                 x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
             extra = self._value_extra(i, input_ids, first_values, prepend)
             record = records[i] if records is not None else None
-            x, values = layer(x, cos, sin, cache, self.config.memory_tokens, record, extra, x0)
+            x, values = layer(x, cos, sin, cache, start, mask, self.config.memory_tokens, record, extra, x0)
             first_values = values if i == 0 else first_values
             if i < n_skip:
                 skips.append(x)
@@ -389,121 +423,21 @@ class SimOneModel(nn.Module):
         return top.indices, (top.values - logits.logsumexp(dim=-1, keepdim=True)).exp()  # each (B, T, k)
 
     @staticmethod
-    def _collect_trace(records: list[dict], lens: list, prepend: int) -> dict:
-        """Stack per-layer records into (L, B, T, ...) tensors, dropping memory rows."""
+    def _collect_trace(records: list[dict], lens: list, prepend: int, real: torch.Tensor | None) -> dict:
+        """Stack per-layer records into (L, B, T, ...) tensors, dropping memory rows; padded
+        positions (real (B, T) False) record 0."""
         out = {}
         for key in ("policy_gate", "memory_mass"):
             if key in records[0]:
                 out[key] = torch.stack([r[key][:, prepend:] for r in records])
+                if real is not None:
+                    out[key] = out[key] * real[None, :, :, None]
         out["lens_top_ids"] = torch.stack([ids for ids, _ in lens])
         out["lens_top_probs"] = torch.stack([p for _, p in lens])
         return out
 
-    # ------------------------------------------------------------------ generation
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | None = None,
-        use_cache: bool = True,
-        trace: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> GenerationResult:
-        """Continue equal-length prompts input_ids (B, T) by up to max_new_tokens tokens.
-
-        temperature 0 is greedy decoding. top_k / top_p filter the sampling
-        distribution; repetition_penalty > 1 discourages tokens already in the
-        sequence (CTRL, Keskar et al. 2019). A row that emits eos_token_id keeps
-        emitting it; generation stops early once every row has. With use_cache the
-        memory tokens and the prompt are prefilled once, then one token per step.
-        """
-        _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-        B, T = input_ids.shape
-        if T + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({self.config.max_seq_len})"
-            )
-        if max_new_tokens == 0:
-            return GenerationResult(tokens=input_ids)
-        cache = self.new_cache(T + max_new_tokens) if use_cache else None
-        tokens = input_ids
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        traces = []
-
-        out = self(input_ids, cache=cache, trace=trace)
-        for step in range(max_new_tokens):
-            if trace:  # without a cache the whole sequence is re-run: keep only the new positions
-                traces.append(out.trace if use_cache or step == 0 else _slice_trace(out.trace, -1))
-            next_token = sample_next_token(
-                out.logits[:, -1], tokens, temperature, top_k, top_p, repetition_penalty, generator
-            )
-            if eos_token_id is not None:
-                next_token = next_token.masked_fill(finished, eos_token_id)
-                finished |= next_token == eos_token_id
-            tokens = torch.cat((tokens, next_token[:, None]), dim=1)  # (B, S + 1)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-                break
-            out = self(next_token[:, None], cache=cache, trace=trace) if use_cache else self(tokens, trace=trace)
-
-        merged = {key: torch.cat([t[key] for t in traces], dim=2) for key in traces[0]} if traces else None
-        return GenerationResult(tokens=tokens, trace=merged)
-
-
-def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    previous: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row from logits (B, V) given the tokens so far (B, S) -> (B,)."""
-    logits = logits.float()
-    if repetition_penalty != 1.0:
-        seen = logits.gather(1, previous)  # (B, S)
-        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
-        logits = logits.scatter(1, previous, seen)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
 
 # --------------------------------------------------------------------------- trace helpers
-
-
-def _slice_trace(trace: dict, start: int) -> dict:
-    return {key: value[:, :, start:] for key, value in trace.items()}
 
 
 TRACE_LAYOUT = {
@@ -512,6 +446,11 @@ TRACE_LAYOUT = {
     "lens_top_ids": "layer, batch, position, rank",
     "lens_top_probs": "layer, batch, position, rank",
 }
+
+
+def concat_traces(steps: list[dict]) -> dict:
+    """Traces of successive forward calls (each (L, B, T_i, ...)) as one, along positions."""
+    return {key: torch.cat([step[key] for step in steps], dim=2) for key in steps[0]}
 
 
 def trace_to_jsonable(trace: dict, decimals: int = 5) -> dict:

@@ -10,6 +10,12 @@ works with nothing of this repository importable. The modelling files therefore 
 only relative imports among themselves; transformers copies them by following the
 `from .x import` lines.
 
+Generation is transformers' own `GenerationMixin`: the wrapper's forward takes HF's attention
+mask, position ids and Cache (a `DynamicCache` unless the caller picks another), so padded
+batches, beam search, several return sequences, streamers and logits processors all work, on
+transformers 4.57 (which calls the cache `past_key_values`) and 5.x (`cache`). SIM-ONE's
+governance trace rides along as an extra output: `generate(..., trace=True)`.
+
 Weights are stored under the wrapper's names ("model.<native name>"); `load_native`
 strips the prefix to rebuild a plain `SimOneModel`. Nothing is ever unpickled.
 """
@@ -17,29 +23,48 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:  # the transformers 5 name; 4.x has only PretrainedConfig
     from transformers import PreTrainedConfig
 except ImportError:
     from transformers import PretrainedConfig as PreTrainedConfig
 
-from .enhanced_model import SimOneConfig, SimOneModel
+from .enhanced_model import SimOneConfig, SimOneModel, concat_traces
 
 # transformers 4.x copies into its module cache only the files this module imports itself:
 # name every sibling here so that enhanced_model's own imports resolve there.
 from .modern_layers import RMSNorm  # noqa: F401,E402
-from .rope_attention import KVCache  # noqa: F401,E402
+from .rope_attention import CausalSelfAttention  # noqa: F401,E402
 
 WEIGHTS_NAME = "model.safetensors"
 CODE_FILES = ("hf_model.py", "enhanced_model.py", "rope_attention.py", "modern_layers.py")
+# The output field GenerationMixin reads the cache back from: "cache" in transformers 5,
+# "past_key_values" in 4.x.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class SimOneCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output plus SIM-ONE's governance trace (forward(trace=True))."""
+
+    trace: dict | None = None
+
+
+@dataclass
+class SimOneGenerateOutput(GenerateDecoderOnlyOutput):
+    """generate(..., trace=True): transformers' output plus the trace of every forward, joined
+    along positions: (L, B, S - 1, ...) for S = prompt + new tokens (the last token is never fed)."""
+
+    trace: dict | None = None
 
 
 class SimOneHFConfig(PreTrainedConfig):
@@ -68,11 +93,8 @@ class SimOneHFConfig(PreTrainedConfig):
 
 
 class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
-    """transformers wrapper around `SimOneModel` (available as `.model`).
-
-    `generate` delegates to the native `SimOneModel.generate` (native KV cache with
-    the memory tokens prefilled once), after reading HF-style arguments.
-    """
+    """transformers wrapper around `SimOneModel` (available as `.model`); `generate` is
+    GenerationMixin's, with the memory tokens prefilled into the cache on the first step."""
 
     config_class = SimOneHFConfig
     base_model_prefix = "model"
@@ -82,7 +104,17 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: SimOneHFConfig):
         super().__init__(config)
         self.model = SimOneModel(config.to_simone_config())
+        self._trace_steps = None  # a list while generate(trace=True) runs
         self.post_init()
+
+    @classmethod
+    def from_native(cls, model: SimOneModel, **special_ids) -> "SimOneForCausalLM":
+        """Wrap an in-memory SimOneModel (shared, not copied) to generate with it;
+        special_ids: bos_token_id / eos_token_id / pad_token_id."""
+        with torch.device("meta"):  # the wrapper's own model is replaced at once: build no weights
+            wrapper = cls(SimOneHFConfig(**model.config.to_dict(), **special_ids))
+        wrapper.model = model
+        return wrapper.train(model.training)
 
     def _init_weights(self, module):
         # Same init as the native model. When loading, transformers calls this only for
@@ -92,64 +124,55 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, labels=None, output_hidden_states=False,
-                **kwargs) -> CausalLMOutput:
-        """Logits (B, T, V); with labels (B, T), also the shifted next-token loss
-        (-100 ignored), as in transformers' causal LMs. With output_hidden_states, a
-        1-tuple holding the final normed hidden states (B, T, D), the LM head's input.
-        Extra HF bookkeeping kwargs (return_dict, use_cache, ...) are accepted and ignored."""
-        _reject_padding(attention_mask)
-        out = self.model(input_ids)
-        logits = out.logits
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
+                past_key_values=None, labels=None, use_cache=None, output_hidden_states=False, trace=False,
+                **kwargs) -> SimOneCausalLMOutput:
+        """Logits (B, T, V), as transformers' causal LMs. attention_mask / position_ids / cache:
+        as SimOneModel.forward (`past_key_values` is transformers 4's name for the cache; with
+        use_cache=True and no cache, a DynamicCache is started). labels (B, T): also the shifted
+        next-token loss (-100 ignored). output_hidden_states: a 1-tuple holding the final normed
+        hidden states (B, T, D), the LM head's input. trace: the governance trace as `.trace`.
+        Other HF bookkeeping kwargs (return_dict, cache_position, ...) are accepted and ignored."""
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        recording = self._trace_steps is not None
+        out = self.model(input_ids, attention_mask, position_ids, cache, trace=trace or recording)
+        if recording:
+            # Without a cache every step re-reads the whole sequence: keep only its new position.
+            step = out.trace if cache is not None or not self._trace_steps else {
+                key: value[:, :, -1:] for key, value in out.trace.items()}
+            self._trace_steps.append(step)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         hidden = (out.hidden_states,) if output_hidden_states else None
-        return CausalLMOutput(loss=loss, logits=logits, hidden_states=hidden)
+        return SimOneCausalLMOutput(loss=loss, logits=out.logits, hidden_states=hidden,
+                                    trace=out.trace if trace else None, **{CACHE_FIELD: cache})
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask=None, generation_config=None, **kwargs):
-        """HF-style generate: max_new_tokens / max_length, do_sample, temperature, top_k,
-        top_p, repetition_penalty, eos_token_id, use_cache. Greedy unless do_sample=True. Returns
-        the token tensor (B, T + n), prompt included. Rows that finished early are
-        padded with eos (or pad_token_id when set). No beams, no padded batches."""
-        _reject_padding(attention_mask)
-        gc = GenerationConfig.from_dict((generation_config or self.generation_config).to_dict())
-        unused = gc.update(**kwargs)
-        if unused:
-            raise ValueError(f"unsupported generate arguments: {', '.join(sorted(unused))}")
-        if gc.num_beams not in (None, 1) or gc.return_dict_in_generate:
-            raise ValueError("SIM-ONE generate supports neither beam search nor return_dict_in_generate")
-        T = input_ids.shape[1]
-        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - T
-        eos = gc.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            if len(eos) > 1:
-                raise ValueError(f"SIM-ONE generate takes one eos_token_id, got {eos}")
-            eos = eos[0] if eos else None
-        result = self.model.generate(
-            input_ids,
-            max_new_tokens=max(max_new, 0),
-            temperature=(gc.temperature if gc.temperature is not None else 1.0) if gc.do_sample else 0.0,
-            top_k=gc.top_k if gc.do_sample else None,
-            top_p=gc.top_p if gc.do_sample else None,
-            repetition_penalty=gc.repetition_penalty or 1.0,
-            eos_token_id=eos,
-            use_cache=gc.use_cache if gc.use_cache is not None else True,
-        )
-        tokens = result.tokens
-        if eos is not None and gc.pad_token_id is not None and gc.pad_token_id != eos:
-            # Native generation repeats eos after a row ends; HF convention pads instead.
-            after_first_eos = (tokens[:, T:] == eos).long().cumsum(dim=1) > 1
-            tokens[:, T:] = tokens[:, T:].masked_fill(after_first_eos, gc.pad_token_id)
-        return tokens
+    def generate(self, *args, trace: bool = False, **kwargs):
+        """GenerationMixin.generate, unchanged: greedy, sampling, beam search, num_return_sequences,
+        streamers, logits processors, left-padded batches with their attention_mask.
 
-
-def _reject_padding(attention_mask) -> None:
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("SIM-ONE takes unpadded, equal-length sequences: attention_mask must be all ones")
+        trace=True also records SIM-ONE's governance trace in the same forward calls and returns
+        a SimOneGenerateOutput (return_dict_in_generate) with `.trace`: as SimOneModel.forward's,
+        over every position fed to the model (position t records the step that predicted token
+        t + 1). Needs num_beams=1: beam search reorders rows between steps.
+        """
+        if not trace:
+            return super().generate(*args, **kwargs)
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("num_beams", config.num_beams) not in (None, 1):
+            raise ValueError("trace=True needs num_beams=1: beam search reorders rows between steps")
+        self._trace_steps = []
+        try:
+            out = super().generate(*args, **{**kwargs, "return_dict_in_generate": True})
+            steps = self._trace_steps
+        finally:
+            self._trace_steps = None
+        return SimOneGenerateOutput(**out, trace=concat_traces(steps) if steps else None)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -160,13 +183,14 @@ def save_pretrained_dir(
     out_dir: str | Path,
     special_ids: dict | None = None,
     dtype: torch.dtype | None = None,
+    generation: dict | None = None,
 ) -> Path:
     """Write `model` as a transformers directory loadable with trust_remote_code.
 
     Files: config.json (auto_map for AutoConfig and AutoModelForCausalLM, plus the
     bos/eos/pad ids in `special_ids`), model.safetensors (in `dtype`, default the model's
-    own), the modelling code and generation_config.json. The tokenizer files are the
-    trainer's to write. Returns the directory.
+    own), the modelling code and generation_config.json (the special ids plus `generation`,
+    e.g. sampling defaults). The tokenizer files are the trainer's to write. Returns the directory.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +213,7 @@ def save_pretrained_dir(
         dtype=str(stored_dtype).removeprefix("torch."),
     )
     config.to_json_file(out_dir / "config.json", use_diff=False)
-    GenerationConfig(**special_ids).save_pretrained(out_dir)
+    GenerationConfig(**special_ids, **(generation or {})).save_pretrained(out_dir)
     package = Path(__file__).parent
     for name in CODE_FILES:
         shutil.copyfile(package / name, out_dir / name)

@@ -71,14 +71,11 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for positions start .. start+length-1 -> cos, sin each (length, head_dim), fp32."""
-        if start + length > self.max_positions:
-            raise ValueError(
-                f"position {start + length - 1} is beyond max_seq_len ({self.max_positions}); "
-                "shorten the input or raise max_seq_len"
-            )
-        return self.cos[start : start + length], self.sin[start : start + length]
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables at position_ids (B, T) -> cos, sin each (B, T, head_dim), fp32. Per-row
+        positions let a left-padded row start at 0 at its first real token. The caller checks
+        the range (with plain ints where it can: an export traces no data-dependent check)."""
+        return self.cos[position_ids], self.sin[position_ids]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +85,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, S, hd) by cos/sin (S, hd); the arithmetic runs in fp32.
+    """Rotate x (B, heads, S, hd) by cos/sin (B, S, hd); the arithmetic runs in fp32.
 
     Under bf16 autocast the projections come out in bf16 while the tables are fp32;
     rotating in fp32 and casting back keeps q, k and v in one dtype for attention.
@@ -96,6 +93,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     dtype = x.dtype
     x = x.float()
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # one table per row, shared by the heads
     return (x * cos + rotate_half(x) * sin).to(dtype)
 
 

@@ -1,5 +1,11 @@
 """Causal self-attention with RoPE, grouped-query heads, a KV cache and the policy gate.
 
+The KV cache is any object with Hugging Face's Cache API (`update(k, v, layer_idx)` returning
+all keys/values so far, `get_seq_length()`), such as `transformers.DynamicCache`, which
+GenerationMixin creates, reorders for beam search and expands for several return sequences.
+Padding: the model passes a boolean mask (B, 1, queries, keys) when a batch is padded; the
+fast paths (SDPA's is_causal, flash-attn) serve the unpadded case.
+
 Attention runs through `torch.nn.functional.scaled_dot_product_attention`, or through
 `flash_attn.flash_attn_func` when the `flash-attn` package is installed, the config asks
 for it (`attention_backend="flash"`) and the tensors are CUDA bf16/fp16.
@@ -56,42 +62,25 @@ def resolve_attention_backend(requested: str, device: torch.device, dtype: torch
     return "sdpa"
 
 
-class KVCache:
-    """Preallocated per-layer key/value buffers for incremental decoding.
-
-    Buffers are allocated on first use with the dtype/device of the keys written
-    (so bf16 autocast gets a bf16 cache). `length` counts filled positions,
-    memory tokens included; the model advances it once per forward, after all layers.
-    """
-
-    def __init__(self, n_layers: int, max_len: int):
-        self.max_len = max_len
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-        self.length = 0
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KV, T, hd) at [length, length+T); return all keys/values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions needed, cache holds {self.max_len}")
-        if self.keys[layer_idx] is None:
-            B, KV, _, hd = k.shape
-            self.keys[layer_idx] = k.new_zeros(B, KV, self.max_len, hd)
-            self.values[layer_idx] = v.new_zeros(B, KV, self.max_len, hd)
-        self.keys[layer_idx][:, :, start:end] = k
-        self.values[layer_idx][:, :, start:end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-
 def causal_mask(q_len: int, start: int, device: torch.device) -> torch.Tensor:
     """Bool mask (q_len, start + q_len): query row i sits at absolute index start + i."""
     rows = torch.arange(q_len, device=device)[:, None] + start
     cols = torch.arange(start + q_len, device=device)[None, :]
     return cols <= rows
+
+
+def padded_causal_mask(key_is_real: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Bool mask (B, 1, q_len, K) from key_is_real (B, K): causal, and never onto padding.
+
+    The queries are the last q_len keys. A padded query may still see itself: without memory
+    tokens a left-padded row's first queries would otherwise see nothing, and a softmax over
+    nothing is NaN. No real token attends a padded key, so what padded rows compute is never read.
+    """
+    K = key_is_real.shape[1]
+    allowed = causal_mask(q_len, K - q_len, key_is_real.device)[None] & key_is_real[:, None, :]  # (B, Q, K)
+    rows = torch.arange(q_len, device=key_is_real.device)[:, None] + K - q_len
+    itself = torch.arange(K, device=key_is_real.device)[None, :] == rows  # (Q, K)
+    return (allowed | itself).unsqueeze(1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -135,20 +124,24 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None = None,
+        cache=None,
+        start: int = 0,
+        mask: torch.Tensor | None = None,
         n_memory: int = 0,
         record: dict | None = None,
         value_extra: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) normed hidden states; cos/sin (T, hd) for these T positions.
+        """x (B, T, D) normed hidden states; cos/sin (B, T, hd) for these T positions.
 
         Returns the output (B, T, D) and this call's values before mixing (B, KV, T, hd),
         which the model hands to later layers for the value residual.
+        cache: an HF-style KV cache (see the module docstring) holding `start` positions before
+        this call; this call's keys/values are appended. mask: (B, 1, T, start + T) bool, True =
+        may attend, for padded batches; None = plain causal attention.
         value_extra (B, KV, T, hd), with value_mix: what the values are mixed with.
-        With a cache, keys/values of earlier positions come from it and this call's
-        are appended. `record` (trace mode only) receives "policy_gate" (B, T, H) and,
-        when n_memory > 0, "memory_mass" (B, T, H): the attention probability on the
-        first n_memory key positions (the memory tokens).
+        `record` (trace mode only) receives "policy_gate" (B, T, H) and, when n_memory > 0,
+        "memory_mass" (B, T, H): the attention probability on the first n_memory key positions
+        (the memory tokens).
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, hd)
@@ -161,50 +154,52 @@ class CausalSelfAttention(nn.Module):
             v = torch.lerp(v, value_extra.to(v.dtype), self.value_lambda.to(v.dtype))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        start = 0
         if cache is not None:
-            start = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, start + T, hd)
+            k, v = cache.update(k, v, self.layer_idx)  # (B, KV, start + T, hd)
 
-        y = self._attend(q, k, v, start)  # (B, T, H, hd)
+        y = self._attend(q, k, v, start, mask)  # (B, T, H, hd)
 
         if self.head_gate is not None:
-            gate = torch.sigmoid(self.head_gate(x))  # (B, T, H)
+            gate = torch.sigmoid(self.head_gate(x))  # (B, T, H): from this token alone, so padding cannot move it
             y = y * gate.unsqueeze(-1)
             if record is not None:
                 record["policy_gate"] = gate.detach()
         if record is not None and n_memory > 0:
-            record["memory_mass"] = self._memory_mass(q, k, start, n_memory)
+            record["memory_mass"] = self._memory_mass(q, k, start, n_memory, mask)
 
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim)), v_own
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, H, T, hd), k/v (B, KV, S, hd) with S = start + T -> (B, T, H, hd)."""
         T = q.shape[2]
-        if resolve_attention_backend(self.attention_backend, q.device, q.dtype) == "flash":
+        if mask is None and resolve_attention_backend(self.attention_backend, q.device, q.dtype) == "flash":
             # flash-attn wants (B, S, heads, hd), handles GQA itself, and aligns the
             # causal mask bottom-right, which is what a cached prefix needs.
             return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
 
         gqa = self.n_kv_heads != self.n_heads
-        if start == 0:
-            # Whole sequence (memory tokens, if any, are its first positions): plain causal.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if mask is not None:  # a padded batch
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif start == 0:
+            # Whole sequence (memory tokens, if any, are its first positions): plain causal. A constant
+            # is_causal (not T > 1) keeps the sequence length symbolic for torch.export / ONNX.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:
             # One new token sees every cached position: no mask at all.
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             # A chunk after a cached prefix: SDPA's is_causal aligns top-left, so mask explicitly.
-            mask = causal_mask(T, start, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start, q.device), enable_gqa=gqa)
         return y.transpose(1, 2)  # (B, H, T, hd) -> (B, T, H, hd)
 
     @torch.no_grad()
-    def _memory_mass(self, q: torch.Tensor, k: torch.Tensor, start: int, n_memory: int) -> torch.Tensor:
+    def _memory_mass(self, q: torch.Tensor, k: torch.Tensor, start: int, n_memory: int,
+                     mask: torch.Tensor | None) -> torch.Tensor:
         """Trace only: explicit softmax(q k^T) in fp32, summed over the memory keys -> (B, T, H)."""
         T = q.shape[2]
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)           # (B, H, S, hd)
         scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
-        scores = scores.masked_fill(~causal_mask(T, start, q.device), float("-inf"))
-        probs = scores.softmax(dim=-1)
+        allowed = mask if mask is not None else causal_mask(T, start, q.device)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         return probs[..., :n_memory].sum(dim=-1).transpose(1, 2)  # (B, H, T) -> (B, T, H)

@@ -30,6 +30,7 @@ from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, settin
 from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
 from mvlm_engine.errors import fail  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
+from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
 from mvlm_engine.shards import prepare_token_data  # noqa: E402
@@ -93,19 +94,26 @@ def build_model(shape: GPT2Shape, vocab_size: int, block_size: int, eos: int):
 
 
 class CausalLMObjective(torch.nn.Module):
-    """Next-token cross-entropy on a causal LM whose forward returns `.logits`."""
+    """Next-token cross-entropy on an HF GPT-2. chunked_loss: the body's hidden states go through
+    the chunked cross-entropy over lm_head.weight (mvlm_engine.losses), so the (B, T, V) logits
+    are never held; otherwise the HF model's full logits and F.cross_entropy."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, chunked_loss: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.chunked_loss = model, chunked_loss
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def forward(self, batch: dict):
+        labels = batch["labels"].flatten()
+        if self.chunked_loss:
+            hidden = self.model.transformer(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+            log_partition, target_logit = linear_log_partition(hidden.flatten(0, 1), self.model.lm_head.weight,
+                                                               labels)
+            return cross_entropy_from_log_partition(log_partition, target_logit), {}
         logits = self.logits(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
-        return loss, {}
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels), {}
 
 
 def non_embedding_params(model) -> int:
@@ -134,7 +142,8 @@ def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
                  f"{model.config.vocab_size}, {runtime.world_size} x {runtime.device}, {runtime.precision}, "
                  f"compile {runtime.compile}, SDPA backend {attention}; train tokens "
                  f"{data.shards.meta['tokens']['train']:,}")
-    task = TrainingTask(name="MVLM-GPT2", objective=CausalLMObjective(model), logits=lambda m, x: m.logits(x),
+    task = TrainingTask(name="MVLM-GPT2", objective=CausalLMObjective(model, cfg.chunked_loss),
+                        logits=lambda m, x: m.logits(x),
                         batches=LMBatches(sampler), flops_per_token=flops,
                         export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out), config=cfg,
                         non_embedding_params=non_embedding,

@@ -86,6 +86,10 @@ class TrainConfig:
         "auto", "auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU")
     compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA; TORCH_COMPILE=0/1 overrides)")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
+    chunked_loss: bool = setting(True, "cross-entropy through the unembedding a chunk of rows at a time, so the "
+                                       "full tokens x vocabulary logits are never held (off: full logits, as before)")
+    prefetch_batches: bool = setting(True, "prepare the next micro-batch in a background thread while the current "
+                                           "step runs (pinned, non-blocking copies on CUDA)")
     log_interval: int = setting(10, "steps between logged training records")
     eval_interval: int = setting(250, "steps between held-out evaluations")
     eval_windows: int = setting(200, "held-out windows per evaluation (spread evenly over the split)")

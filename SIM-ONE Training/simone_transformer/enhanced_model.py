@@ -142,7 +142,7 @@ class SimOneOutput:
     trace:         dict of tensors (see SimOneModel.forward), or None
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor
     cache: KVCache | None = None
     trace: dict | None = None
@@ -221,6 +221,7 @@ class SimOneModel(nn.Module):
         cache: KVCache | None = None,
         trace: bool = False,
         trace_top_k: int | None = None,
+        return_logits: bool = True,
     ) -> SimOneOutput:
         """input_ids (B, T) -> SimOneOutput with logits (B, T, V) for the real tokens.
 
@@ -234,6 +235,7 @@ class SimOneModel(nn.Module):
             "lens_top_ids"   (L, B, T, k)  logit lens: final norm + LM head applied to
             "lens_top_probs" (L, B, T, k)  each layer's residual stream, top-k softmax
         Tracing only reads activations; the logits are identical with it on or off.
+        return_logits=False: logits is None (a loss that unembeds in chunks needs only hidden_states).
         """
         B, T = input_ids.shape
         n_mem = self.config.memory_tokens
@@ -260,7 +262,7 @@ class SimOneModel(nn.Module):
             cache.advance(x.shape[1])
 
         hidden = self.norm(x[:, prepend:])  # (B, T, D): real tokens only
-        logits = self.logits(hidden)
+        logits = self.logits(hidden) if return_logits else None
         trace_out = self._collect_trace(records, lens, prepend) if trace else None
         return SimOneOutput(logits=logits, hidden_states=hidden, cache=cache, trace=trace_out)
 

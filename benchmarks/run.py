@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""The benchmark suite: one entry point for every performance figure of this repository.
+
+    python3 benchmarks/run.py --quick --json     # CPU yardstick, <= 3 minutes on 2 quiet cores
+    python3 benchmarks/run.py                    # full: the whole corpus, more presets and rounds
+    python3 benchmarks/run.py --sections train --presets small   # on a GPU: small preset, MFU
+
+Sections (--sections, default all):
+  data      seconds to build the corpus (prepare.py) and to train the BPE and tokenize it into
+            shards, from scratch (--quick: two translations and a 4K vocabulary).
+  train     per model and preset: tokens/s through the real engine, and the peak memory of one
+            training micro-step (RSS on a CPU, max allocated on CUDA) with the fast path on and
+            off (--no_chunked_loss etc.); each in a fresh child process. MFU on a GPU:
+            MFU = (6 N + 12 L d T) x tokens/s / peak, N = non-embedding parameters, L layers,
+            d width, T sequence length, peak = the GPU's dense bf16 figure (989 TFLOP/s on
+            H100/H200; mvlm_engine/metrics.py); the attention kernel that ran is named.
+  engine    the tiny presets through the engine, all variants interleaved in one process:
+            the fast path piece by piece (chunked cross-entropy, pair cache, prefetch), SIM-ONE
+            against GPT-2 at the same shape (4 layers x 128), where SIM-ONE's step time goes
+            (each mechanism, loss and optimizer switched off in turn), and MVLM-GPT2 through the
+            engine against a bare loop over the same HF model.
+  compare   SIM-ONE against HF LlamaForCausalLM with the same weights (training step, governance
+            off and on), KV-cache decode against HF generate, and vocabulary padding.
+
+With --json the last line is one JSON object; keys ending in _ratio are ours / reference, where
+>= 1.0 means ours is at least as good (throughput: ours faster; memory: old path / fast path).
+Timings are medians of interleaved rounds; ratios are medians of per-round ratios.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, ensure_corpus, reexec_in_venv  # noqa: E402
+
+from mvlm_engine.config import setting  # noqa: E402  (torch-free)
+
+PROG = "run.py"
+SECTIONS = ("data", "train", "engine", "compare")
+QUICK_TRANSLATIONS = "KJV,WEB"
+
+
+@dataclass
+class BenchSettings:
+    quick: bool = setting(False, "the CPU yardstick: a two-translation corpus, tiny presets, few rounds (<= 3 min)")
+    json: bool = setting(False, "end with one line of JSON")
+    sections: list[str] = setting(help=f"sections to run, of: {', '.join(SECTIONS)}", factory=lambda: list(SECTIONS))
+    presets: list[str] = setting(help="train section presets (default: tiny on a CPU, tiny and small without "
+                                      "--quick; small on a GPU)", factory=list)
+    repeats: int = setting(0, "interleaved rounds per timing (0: 2 with --quick, 5 otherwise)")
+    steps: int = setting(0, "optimizer steps per timing (0: 2)")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to measure")
+    data_dir: str = setting("mvlm_training_dataset_complete", "corpus folder (built if missing; not used by --quick)",
+                            path=True)
+    output_dir: str = setting("runs/bench", "scratch runs, caches and results.json", path=True)
+    child: str | None = setting(None, "internal: measure one training configuration (JSON) and print one JSON line")
+
+    def problems(self) -> list[str]:
+        errors = [f"--sections: unknown {s!r}" for s in self.sections if s not in SECTIONS]
+        return errors + [f"--{n} must be >= 0" for n in ("repeats", "steps") if getattr(self, n) < 0]
+
+
+@dataclass
+class Plan:
+    """What this invocation measures, resolved from the settings and the machine."""
+
+    device: str
+    data_dir: Path
+    cache_dir: Path
+    out: Path
+    repeats: int
+    steps: int
+    presets: list[str]
+    results: dict = field(default_factory=dict)
+    ratios: dict = field(default_factory=dict)
+
+
+def make_plan(settings: BenchSettings) -> Plan:
+    import torch
+
+    device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) else "cpu"
+    out = Path(settings.output_dir) / ("quick" if settings.quick else "full")
+    presets = settings.presets or (["small"] if device == "cuda" else ["tiny"] if settings.quick else ["tiny", "small"])
+    data_dir = out / "corpus" if settings.quick else Path(settings.data_dir)
+    return Plan(device, data_dir, out / "cache", out, settings.repeats or (2 if settings.quick else 5),
+                settings.steps or 2, presets)
+
+
+def machine_line() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
+            "cpu_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_before": os.getloadavg()}
+
+
+def main(argv=None) -> None:
+    from mvlm_engine.cli import parse_run_config
+
+    settings = parse_run_config(BenchSettings, argv, PROG, __doc__)
+    if settings.child:
+        from sections import child_main
+        return child_main(json.loads(settings.child))
+    import sections
+    plan = make_plan(settings)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine_line(), "quick": settings.quick, "device": plan.device}
+    if settings.quick:
+        sections.build_quick_corpus(plan, QUICK_TRANSLATIONS, "data" in settings.sections, report)
+    else:
+        ensure_corpus(plan.data_dir)
+        if "data" in settings.sections:
+            sections.measure_data_full(plan, report)
+    for name in ("train", "engine", "compare"):
+        if name in settings.sections:
+            getattr(sections, f"section_{name}")(plan, settings.quick, report)
+    report["machine"]["load_average_after"] = os.getloadavg()
+    report["ratios"] = plan.ratios
+    sections.print_report(report)
+    (plan.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    if settings.json:
+        print(json.dumps({**{k: v for k, v in report.items() if k != "ratios"}, **plan.ratios}))
+
+
+if __name__ == "__main__":
+    reexec_in_venv()
+    from mvlm_engine.cli import run_cli
+    run_cli(PROG, main, sys.argv[1:])

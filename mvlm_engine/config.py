@@ -69,6 +69,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = setting(
         "adamw", "adamw: AdamW everywhere; muon: torch.optim.Muon on hidden matrices, AdamW on the rest")
     learning_rate: float = setting(6e-4, "peak AdamW learning rate (with --optimizer muon: embeddings, head, gains)")
+    head_lr: float | None = setting(None, "peak AdamW learning rate of untied output heads (default: learning_rate)")
+    scalar_lr: float | None = setting(None, "peak AdamW learning rate of gains and biases (default: learning_rate)")
     muon_lr: float = setting(0.02, "peak Muon learning rate (--optimizer muon)")
     muon_momentum: float = setting(0.95, "Muon momentum (Nesterov)")
     muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay")
@@ -111,8 +113,9 @@ class TrainConfig:
                    ("max_steps", "warmup_steps", "weight_decay", "grad_clip") if getattr(self, name) < 0]
         if self.num_epochs <= 0 and self.max_steps == 0:
             errors.append(f"--num_epochs must be > 0 (got {self.num_epochs})")
-        errors += [f"--{name} must be > 0 (got {getattr(self, name)})" for name in ("learning_rate", "muon_lr")
-                   if not getattr(self, name) > 0]
+        errors += [f"--{name} must be > 0 (got {getattr(self, name)})"
+                   for name in ("learning_rate", "muon_lr", "head_lr", "scalar_lr")
+                   if getattr(self, name) is not None and not getattr(self, name) > 0]
         errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("muon_momentum",)
                    if not 0 <= getattr(self, name) < 1]
         if self.muon_weight_decay < 0:

@@ -62,10 +62,23 @@ def hidden_matrices(module: nn.Module) -> list[nn.Parameter]:
     return found
 
 
-def adamw_groups(params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices and embeddings (2+ dims) decay, gains and biases do not."""
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "peak_lr": lr},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "peak_lr": lr}]
+def output_heads(module: nn.Module) -> list[nn.Parameter]:
+    """Weights of layers marked `is_output_head = True` that are not tied to an embedding."""
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    return [m.weight for m in module.modules()
+            if getattr(m, "is_output_head", False) and id(m.weight) not in embeddings and m.weight.requires_grad]
+
+
+def adamw_groups(params: list[nn.Parameter], heads: list[nn.Parameter], cfg) -> list[dict]:
+    """AdamW groups, each with its peak learning rate: output heads (head_lr), other matrices and
+    embeddings (learning_rate, with weight decay), gains and biases (scalar_lr, no decay)."""
+    in_heads = {id(p) for p in heads}
+    groups = [{"params": [p for p in params if id(p) in in_heads], "weight_decay": cfg.weight_decay,
+               "peak_lr": cfg.head_lr or cfg.learning_rate},
+              {"params": [p for p in params if p.dim() >= 2 and id(p) not in in_heads],
+               "weight_decay": cfg.weight_decay, "peak_lr": cfg.learning_rate},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
+               "peak_lr": cfg.scalar_lr or cfg.learning_rate}]
     return [g for g in groups if g["params"]]
 
 
@@ -99,25 +112,24 @@ class OptimizerSet:
             optimizer.load_state_dict(state)
 
 
-def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(module: nn.Module, cfg, device: torch.device):
     """The optimizer named by cfg.optimizer, every group tagged with its peak learning rate."""
     params = [p for p in module.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
+    heads = output_heads(module)
+    adamw_options = {"betas": (cfg.beta1, cfg.beta2), "fused": device.type == "cuda"}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(adamw_groups(params, cfg.learning_rate, cfg.weight_decay), lr=cfg.learning_rate,
-                                 betas=(cfg.beta1, cfg.beta2), fused=fused)
+        return torch.optim.AdamW(adamw_groups(params, heads, cfg), lr=cfg.learning_rate, **adamw_options)
     matrices = hidden_matrices(module)
     if not matrices:
         raise UserError("--optimizer muon found no nn.Linear weight matrices in this model; use --optimizer adamw")
     in_muon = {id(p) for p in matrices}
-    rest = [p for p in params if id(p) not in in_muon]
     if device.type == "cpu":
         use_fp32_newton_schulz_on_cpu()
     muon = torch.optim.Muon([{"params": matrices, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
                             momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, nesterov=True,
                             adjust_lr_fn="original")
-    adamw = torch.optim.AdamW(adamw_groups(rest, cfg.learning_rate, cfg.weight_decay), lr=cfg.learning_rate,
-                              betas=(cfg.beta1, cfg.beta2), fused=fused)
+    rest = [p for p in params if id(p) not in in_muon]
+    adamw = torch.optim.AdamW(adamw_groups(rest, heads, cfg), lr=cfg.learning_rate, **adamw_options)
     return OptimizerSet([muon, adamw])
 
 

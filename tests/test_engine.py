@@ -56,14 +56,18 @@ def test_muon_takes_only_the_hidden_matrices(tied):
     from mvlm_engine.optim import build_optimizer, hidden_matrices
     model = TinyLM(tied)
     assert [id(p) for p in hidden_matrices(model)] == [id(model.hidden[0].weight), id(model.hidden[1].weight)]
-    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
+    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, head_lr=4e-3, scalar_lr=5e-3)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     muon, adamw = optimizer.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
-    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
-    assert {id(model.embed.weight), id(model.head.weight), id(model.gain), id(model.slots),
-            id(model.hidden[1].bias)} == in_adamw
-    assert [g["peak_lr"] for g in optimizer.param_groups] == [0.02, 1e-3, 1e-3]
+    groups = [{id(p) for p in g["params"]} for g in adamw.param_groups]
+    matrices, scalars = {id(model.embed.weight), id(model.slots)}, {id(model.gain), id(model.hidden[1].bias)}
+    if tied:  # the head is the embedding: it trains as one
+        assert groups == [matrices, scalars]
+        assert [g["peak_lr"] for g in optimizer.param_groups] == [0.02, 1e-3, 5e-3]
+    else:
+        assert groups == [{id(model.head.weight)}, matrices, scalars]
+        assert [g["peak_lr"] for g in optimizer.param_groups] == [0.02, 4e-3, 1e-3, 5e-3]
 
 
 def test_muon_state_round_trips_exactly():

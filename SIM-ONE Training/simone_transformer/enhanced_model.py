@@ -12,8 +12,10 @@ governance mechanisms, each a config switch:
 - trace   (`forward(..., trace=True)`): a per-token record of the gates, the attention
                               mass on memory, and a logit-lens top-k per layer.
 
-With `policy_gate=False` and `memory_tokens=0` the model is numerically a Llama model
-(same parameter names, see export_llama.py). Reads top to bottom: config, block, model,
+Training-recipe switches (QK-norm, zero-init projections, logit soft-cap, value residual or
+value embeddings, ReLU^2 MLP, x0 mixing, U-net skips; see SimOneConfig) come from
+modded-nanogpt; all are off by default. With everything `llama_incompatible_features` lists off, the model is numerically
+a Llama model (same parameter names, see export_llama.py). Reads top to bottom: config, block, model,
 generation, trace helpers. Imports only torch and sibling files (trust_remote_code).
 """
 from __future__ import annotations
@@ -21,37 +23,54 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modern_layers import RMSNorm, RotaryEmbedding, SwiGLU
+from .modern_layers import MLP_TYPES, MLPS, RMSNorm, RotaryEmbedding
 from .rope_attention import ATTENTION_BACKENDS, CausalSelfAttention, KVCache
 
 # --------------------------------------------------------------------------- config
+
+
+def _setting(default, help_text: str):
+    """A config field with its help text (the training CLIs turn each field into a flag)."""
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class SimOneConfig:
     """Architecture and governance switches. `from_dict` rejects unknown keys."""
 
-    vocab_size: int = 32000
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: int | None = None  # None -> n_heads (no grouped-query attention)
-    ffn_hidden_dim: int | None = None  # None -> 8/3 * d_model rounded up to a multiple of 64
-    max_seq_len: int = 1024  # real tokens; memory tokens come on top
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    policy_gate: bool = True
-    memory_tokens: int = 8  # 0 = off
-    attention_backend: str = "sdpa"  # "sdpa" | "flash" (flash-attn on CUDA bf16/fp16 only)
-    init_std: float = 0.02
-    trace_top_k: int = 5  # logit-lens entries per layer in a trace
+    vocab_size: int = _setting(32000, "vocabulary size (a run takes it from its tokenizer)")
+    d_model: int = _setting(768, "width of the residual stream")
+    n_layers: int = _setting(12, "transformer blocks")
+    n_heads: int = _setting(12, "attention heads")
+    n_kv_heads: int | None = _setting(None, "key/value heads (grouped-query attention); default: n_heads")
+    ffn_hidden_dim: int | None = _setting(None, "MLP hidden size; default: 8/3 d_model rounded up to 64 (SwiGLU), "
+                                                "4 d_model (ReLU^2)")
+    max_seq_len: int = _setting(1024, "real tokens per sequence (a run takes it from --block_size)")
+    rope_theta: float = _setting(10000.0, "RoPE base")
+    norm_eps: float = _setting(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = _setting(True, "the LM head reuses the input embedding")
+    policy_gate: bool = _setting(True, "governance: a learned sigmoid gate per attention head per token")
+    memory_tokens: int = _setting(8, "governance: learned memory tokens before every sequence (0 = off)")
+    attention_backend: str = _setting("sdpa", "sdpa | flash (flash-attn on CUDA bf16/fp16 only)")
+    init_std: float = _setting(0.02, "standard deviation of the weight init")
+    trace_top_k: int = _setting(5, "logit-lens entries per layer in a trace")
+    # Training-recipe switches (modded-nanogpt style). All off: the model is exactly Llama.
+    # `llama_incompatible_features` names the ones a Llama checkpoint cannot express.
+    qk_norm: bool = _setting(False, "RMSNorm with a learned gain on each head's q and k, before RoPE")
+    zero_init_proj: bool = _setting(False, "o_proj and down_proj start at 0: every block starts as the identity")
+    zero_init_head: bool = _setting(False, "the untied lm_head starts at 0 (uniform first predictions)")
+    logit_softcap: float = _setting(0.0, "> 0: logits = cap * tanh(logits / cap); 0 = off")
+    value_residual: bool = _setting(False, "layers after the first mix layer 0's values into theirs")
+    value_embeddings: bool = _setting(False, "each layer mixes a learned per-token vector into its values")
+    mlp: str = _setting("swiglu", "swiglu (Llama) | relu2: down(relu(up(x))^2)")
+    x0_mix: bool = _setting(False, "each block starts from a * x + b * x0 (x0: the embedded input), learned")
+    unet_skips: bool = _setting(False, "layer L-1-i adds w_i * (output of layer i) for i < L // 2, learned")
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -60,7 +79,8 @@ class SimOneConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden_dim is None:
-            self.ffn_hidden_dim = 64 * math.ceil(8 * self.d_model / 3 / 64)
+            # Same parameter count either way: SwiGLU has three matrices, ReLU^2 two.
+            self.ffn_hidden_dim = 4 * self.d_model if self.mlp == "relu2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim",
                      "max_seq_len", "trace_top_k"):
@@ -79,6 +99,14 @@ class SimOneConfig:
             raise ValueError(f"memory_tokens must be >= 0 (0 = off), got {self.memory_tokens}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.mlp not in MLP_TYPES:
+            raise ValueError(f"mlp must be one of {MLP_TYPES}, got {self.mlp!r}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
+        if self.zero_init_head and self.tie_embeddings:
+            raise ValueError("zero_init_head needs tie_embeddings=False (a zero tied head is a zero embedding)")
+        if self.value_residual and self.value_embeddings:
+            raise ValueError("value_residual and value_embeddings are alternatives: switch on one of them")
 
     @property
     def head_dim(self) -> int:
@@ -111,6 +139,16 @@ def _check_type(name: str, value, hint) -> None:
         raise ValueError(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
 
 
+def llama_incompatible_features(config: SimOneConfig) -> list[str]:
+    """The switched-on pieces a stock Llama checkpoint cannot express, as "field=value"
+    (empty: the model exports to LlamaForCausalLM as it is). The single list an exporter
+    consults. Init-only switches (zero_init_*) and an untied head are Llama-compatible."""
+    defaults = {"policy_gate": False, "memory_tokens": 0, "qk_norm": False, "logit_softcap": 0.0,
+                "value_residual": False, "value_embeddings": False, "mlp": "swiglu", "x0_mix": False,
+                "unet_skips": False}
+    return [f"{name}={getattr(config, name)}" for name, off in defaults.items() if getattr(config, name) != off]
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -120,16 +158,25 @@ class Block(nn.Module):
     def __init__(self, config: SimOneConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        # The first layer's values are the value residual's source, so it mixes nothing in.
+        value_mix = config.value_embeddings or (config.value_residual and layer_idx > 0)
         self.self_attn = CausalSelfAttention(
             config.d_model, config.n_heads, config.n_kv_heads, layer_idx,
             policy_gate=config.policy_gate, attention_backend=config.attention_backend,
+            qk_norm=config.qk_norm, norm_eps=config.norm_eps, value_mix=value_mix,
         )
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.ffn_hidden_dim)
+        self.mlp = MLPS[config.mlp](config.d_model, config.ffn_hidden_dim)
+        # (a, b) of a * x + b * x0: starts as the plain residual stream (a=1, b=0).
+        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
-    def forward(self, x, cos, sin, cache=None, n_memory=0, record=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, n_memory, record)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cache=None, n_memory=0, record=None, value_extra=None, x0=None):
+        """-> (x, this layer's values before mixing (B, KV, S, hd)). x0: the embedded input (x0_mix)."""
+        if self.x0_lambdas is not None:
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        h, values = self.self_attn(self.input_layernorm(x), cos, sin, cache, n_memory, record, value_extra)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), values
 
 
 @dataclass
@@ -168,41 +215,69 @@ class SimOneModel(nn.Module):
         self.memory_embeddings = (
             nn.Parameter(torch.zeros(config.memory_tokens, config.d_model)) if config.memory_tokens else None
         )
+        # One (vocab, KV * hd) table per layer: token-keyed values (embedding parameters).
+        kv_dim = config.n_kv_heads * config.head_dim
+        self.value_embeds = (
+            nn.ModuleList(nn.Embedding(config.vocab_size, kv_dim) for _ in range(config.n_layers))
+            if config.value_embeddings else None
+        )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # U-net: one weight per (layer i, layer L-1-i) pair, i < L // 2.
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layers // 2)) if config.unet_skips else None
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         # Tied: logits reuse the embedding matrix directly (no shared Parameter to untangle
         # in safetensors or in HF's tying logic).
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if self.lm_head is not None:
+            self.lm_head.is_output_head = True  # zero_init_head; the engine's optimizer groups read it too
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.apply(self.init_module)
 
     @torch.no_grad()
     def init_module(self, module: nn.Module) -> None:
-        """GPT-2 style init: N(0, init_std), residual projections N(0, init_std / sqrt(2 L))."""
-        std = self.config.init_std
+        """GPT-2 style init: N(0, init_std), residual projections N(0, init_std / sqrt(2 L)).
+
+        zero_init_proj / zero_init_head start those matrices at 0 instead (modded-nanogpt):
+        each block then starts as the identity and the first predictions are uniform.
+        """
+        c, std = self.config, self.config.init_std
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_projection", False):
-                std = std / math.sqrt(2 * self.config.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+                std = 0.0 if c.zero_init_proj else std / math.sqrt(2 * c.n_layers)
+            if getattr(module, "is_output_head", False) and c.zero_init_head:
+                std = 0.0
+            if std == 0.0:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, CausalSelfAttention) and module.value_lambda is not None:
+            nn.init.constant_(module.value_lambda, 0.5)
+        elif isinstance(module, Block) and module.x0_lambdas is not None:
+            module.x0_lambdas.data.copy_(torch.tensor([1.0, 0.0]))
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
             module.reset_tables()
-        elif isinstance(module, SimOneModel) and module.memory_embeddings is not None:
-            nn.init.normal_(module.memory_embeddings, mean=0.0, std=std)
+        elif isinstance(module, SimOneModel):
+            if module.memory_embeddings is not None:
+                nn.init.normal_(module.memory_embeddings, mean=0.0, std=std)
+            if module.skip_weights is not None:
+                nn.init.ones_(module.skip_weights)
 
     # ------------------------------------------------------------------ accounting
 
     def count_parameters(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding drops the vocabulary matrices (input embedding,
-        untied LM head) and the memory embeddings, as in Kaplan et al. 2020."""
+        untied LM head, value embeddings) and the memory embeddings, as in Kaplan et al. 2020."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.embed_tokens.weight.numel()
+            if self.value_embeds is not None:
+                total -= sum(e.weight.numel() for e in self.value_embeds)
             if self.lm_head is not None:
                 total -= self.lm_head.weight.numel()
             if self.memory_embeddings is not None:
@@ -254,10 +329,7 @@ class SimOneModel(nn.Module):
 
         records = [{} for _ in self.layers] if trace else None
         lens = [] if trace else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, n_mem, records[i] if trace else None)
-            if trace:
-                lens.append(self._logit_lens(x[:, prepend:], trace_top_k or self.config.trace_top_k))
+        x = self._run_layers(x, input_ids, cos, sin, cache, prepend, records, lens, trace_top_k)
         if cache is not None:
             cache.advance(x.shape[1])
 
@@ -266,11 +338,45 @@ class SimOneModel(nn.Module):
         trace_out = self._collect_trace(records, lens, prepend) if trace else None
         return SimOneOutput(logits=logits, hidden_states=hidden, cache=cache, trace=trace_out)
 
+    def _run_layers(self, x, input_ids, cos, sin, cache, prepend, records, lens, trace_top_k):
+        """The blocks in order, with the value residual / value embeddings, x0 mixing and
+        U-net skips when switched on. x (B, N + T, D) -> (B, N + T, D)."""
+        x0, first_values, skips = x, None, []
+        L = len(self.layers)
+        n_skip = L // 2 if self.skip_weights is not None else 0
+        for i, layer in enumerate(self.layers):
+            if i >= L - n_skip:  # second half: the mirror layer's output comes back (U-net)
+                x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
+            extra = self._value_extra(i, input_ids, first_values, prepend)
+            record = records[i] if records is not None else None
+            x, values = layer(x, cos, sin, cache, self.config.memory_tokens, record, extra, x0)
+            first_values = values if i == 0 else first_values
+            if i < n_skip:
+                skips.append(x)
+            if lens is not None:
+                lens.append(self._logit_lens(x[:, prepend:], trace_top_k or self.config.trace_top_k))
+        return x
+
+    def _value_extra(self, i: int, input_ids: torch.Tensor, first_values, prepend: int):
+        """What layer i mixes into its values: (B, KV, N + T, hd) or None."""
+        if self.value_embeds is not None:
+            e = self.value_embeds[i](input_ids)  # (B, T, KV * hd)
+            e = F.pad(e, (0, 0, prepend, 0))  # memory rows have no token: zeros (B, N + T, KV * hd)
+            B, S, _ = e.shape
+            return e.view(B, S, self.config.n_kv_heads, self.config.head_dim).transpose(1, 2)
+        if self.config.value_residual and i > 0:
+            return first_values
+        return None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on final-normed hidden states (B, T, D) -> (B, T, V)."""
+        """LM head on final-normed hidden states (B, T, D) -> (B, T, V), soft-capped when
+        logit_softcap > 0 (Gemma 2): smooth, bounded logits keep early training stable."""
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight)
-        return self.lm_head(hidden)
+            logits = F.linear(hidden, self.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     @torch.no_grad()
     def _logit_lens(self, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

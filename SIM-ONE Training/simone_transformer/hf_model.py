@@ -56,24 +56,12 @@ class SimOneHFConfig(PreTrainedConfig):
         "max_position_embeddings": "max_seq_len",
     }
 
-    vocab_size: int = 32000
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: int | None = None
-    ffn_hidden_dim: int | None = None
-    max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    policy_gate: bool = True
-    memory_tokens: int = 8
-    attention_backend: str = "sdpa"
-    init_std: float = 0.02
-    trace_top_k: int = 5
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    # Every SimOneConfig field, with its type and default, plus the special-token ids: derived
+    # here so that the native config stays the one home of each default.
+    __annotations__ = {**{f.name: f.type for f in fields(SimOneConfig)},
+                       "bos_token_id": "int | None", "eos_token_id": "int | None", "pad_token_id": "int | None"}
+    vars().update({f.name: f.default for f in fields(SimOneConfig)})
+    bos_token_id = eos_token_id = pad_token_id = None
 
     def to_simone_config(self) -> SimOneConfig:
         return SimOneConfig.from_dict({f.name: getattr(self, f.name) for f in fields(SimOneConfig)})

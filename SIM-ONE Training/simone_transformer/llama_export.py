@@ -9,17 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .enhanced_model import SimOneConfig
+from .enhanced_model import SimOneConfig, llama_incompatible_features
 
-
-def llama_incompatible_features(config: SimOneConfig) -> list[str]:
-    """Switched-on pieces that Llama cannot express (empty: the model is a Llama model)."""
-    features = []
-    if config.policy_gate:
-        features.append("policy_gate")
-    if config.memory_tokens > 0:
-        features.append(f"memory_tokens={config.memory_tokens}")
-    return features
+__all__ = ["llama_config", "llama_incompatible_features", "to_llama"]
 
 
 def llama_config(config: SimOneConfig, special_ids: dict | None = None):

@@ -1,4 +1,4 @@
-"""Building blocks shared by every SIM-ONE layer: RMSNorm, rotary embeddings, SwiGLU.
+"""Building blocks shared by every SIM-ONE layer: RMSNorm, rotary embeddings, the MLPs.
 
 Each one follows the Hugging Face Llama implementation exactly (same parameter
 names, same rotate-half RoPE convention, same fp32 norm statistics), so that with
@@ -111,3 +111,24 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ReluSquaredMLP(nn.Module):
+    """down(relu(up(x))^2) (So et al. 2021, Primer), no biases; an alternative to SwiGLU.
+
+    Two matrices instead of three, so a hidden size 1.5x SwiGLU's has the same parameters.
+    Not expressible by Llama (whose MLP is always gated).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.down_proj.is_residual_projection = True  # init scaled by 1/sqrt(2 * n_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+MLPS = {"swiglu": SwiGLU, "relu2": ReluSquaredMLP}
+MLP_TYPES = tuple(MLPS)

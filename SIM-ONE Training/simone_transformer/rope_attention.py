@@ -9,6 +9,16 @@ is multiplied by sigmoid(W_g x + b_g), one scalar per head per token, computed f
 same normed hidden state x that feeds q/k/v, before the output projection. A gate at 0
 silences its head exactly.
 
+QK-norm (`qk_norm`, as in OLMo 2 / Qwen3, whose parameter names q_norm/k_norm it uses):
+each head's q and k are RMS-normalised with a learned gain before RoPE, which bounds the
+attention logits and lets the optimizer use larger learning rates.
+
+Value mixing (`value_mix`): the values become (1 - lambda) v + lambda e, with a learned
+scalar lambda (init 0.5) and e supplied by the model: the first layer's values (value
+residual, Zhou et al. 2024, arXiv 2410.17897) or a per-token learned vector (value
+embeddings, modded-nanogpt). Mixed values are what the KV cache stores, so cached decoding
+needs e only for the new tokens.
+
 Imports only torch (and optionally flash_attn): see modern_layers.py for why.
 """
 from __future__ import annotations
@@ -19,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modern_layers import apply_rope
+from .modern_layers import RMSNorm, apply_rope
 
 try:  # optional dependency; only used on CUDA with bf16/fp16 tensors
     from flash_attn import flash_attn_func
@@ -99,6 +109,9 @@ class CausalSelfAttention(nn.Module):
         layer_idx: int = 0,
         policy_gate: bool = False,
         attention_backend: str = "sdpa",
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+        value_mix: bool = False,
     ):
         super().__init__()
         self.n_heads = n_heads
@@ -113,6 +126,9 @@ class CausalSelfAttention(nn.Module):
         self.o_proj.is_residual_projection = True  # init scaled by 1/sqrt(2 * n_layers)
         # One gate logit per head; the bias lets training (or a test) close a head outright.
         self.head_gate = nn.Linear(d_model, n_heads, bias=True) if policy_gate else None
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.value_lambda = nn.Parameter(torch.full((), 0.5)) if value_mix else None
 
     def forward(
         self,
@@ -122,18 +138,27 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None = None,
         n_memory: int = 0,
         record: dict | None = None,
-    ) -> torch.Tensor:
+        value_extra: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) normed hidden states; cos/sin (T, hd) for these T positions.
 
+        Returns the output (B, T, D) and this call's values before mixing (B, KV, T, hd),
+        which the model hands to later layers for the value residual.
+        value_extra (B, KV, T, hd), with value_mix: what the values are mixed with.
         With a cache, keys/values of earlier positions come from it and this call's
         are appended. `record` (trace mode only) receives "policy_gate" (B, T, H) and,
         when n_memory > 0, "memory_mass" (B, T, H): the attention probability on the
         first n_memory key positions (the memory tokens).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)    # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, hd)
+        if self.q_norm is not None:  # per head, over hd
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
+        v = v_own = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        if self.value_lambda is not None and value_extra is not None:
+            v = torch.lerp(v, value_extra.to(v.dtype), self.value_lambda.to(v.dtype))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         start = 0
@@ -151,7 +176,7 @@ class CausalSelfAttention(nn.Module):
         if record is not None and n_memory > 0:
             record["memory_mass"] = self._memory_mass(q, k, start, n_memory)
 
-        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim)), v_own
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q (B, H, T, hd), k/v (B, KV, S, hd) with S = start + T -> (B, T, H, hd)."""

@@ -57,10 +57,13 @@ def assert_same_loss_and_gradients(full, chunked, batch):
         torch.testing.assert_close(b.grad, grad_a, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_simone_objective_chunked_equals_full_logits(tied):
+@pytest.mark.parametrize("tied, softcap", [(True, 0.0), (False, 0.0), (True, 3.0)])
+def test_simone_objective_chunked_equals_full_logits(tied, softcap):
+    """Every term (next-token, t+2, z-loss, alignment) and every gradient; with the recipe's
+    logit soft-cap on, the chunked pass must apply the cap (and its tanh' in the backward) too."""
     torch.manual_seed(0)
-    model = SimOneModel(simone_preset("tiny", vocab_size=300, max_seq_len=32, memory_tokens=2, tie_embeddings=tied))
+    model = SimOneModel(simone_preset("tiny", vocab_size=300, max_seq_len=32, memory_tokens=2, tie_embeddings=tied,
+                                      logit_softcap=softcap))
     weights = {"coherence": 0.1, "alignment": 0.1, "stability": 1e-2}
     full = CompositeObjective(model, weights, adaptive=True, temperature=0.1, chunked_loss=False)
     chunked = copy.deepcopy(full)

@@ -83,14 +83,25 @@ def setup(argv=None) -> GPT2RunConfig:
     return cfg
 
 
-def build_model(shape: GPT2Shape, vocab_size: int, block_size: int, eos: int):
-    """A GPT-2 of this shape, randomly initialised, with SDPA attention."""
+def build_model(shape: GPT2Shape, vocab_size: int, block_size: int, eos: int, fused_gelu: bool = True):
+    """A GPT-2 of this shape, randomly initialised, with SDPA attention. GPT-2's GELU is the
+    tanh approximation either way: fused_gelu runs it as one kernel ("gelu_pytorch_tanh",
+    which keeps only its input for the backward pass), else as gelu_new's chain of
+    element-wise ops (which keeps four (B, T, 4 d) tensors per layer)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=shape.n_embd, n_layer=shape.n_layer,
                         n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos,
-                        eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+                        eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
+                        activation_function="gelu_pytorch_tanh" if fused_gelu else "gelu_new")
     return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+
+
+def build_objective(cfg: GPT2RunConfig, vocab_size: int, eos: int) -> "CausalLMObjective":
+    """The training module of a run: its GPT-2 (seeded) under the next-token loss."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, vocab_size, cfg.block_size, eos, cfg.fused_layers)
+    return CausalLMObjective(model, cfg.chunked_loss)
 
 
 class CausalLMObjective(torch.nn.Module):
@@ -129,8 +140,8 @@ def export(model, tokenizer_path: Path, block_size: int, out: Path) -> None:
 
 def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
     data = prepare_token_data(cfg, runtime)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.tokenizer.get_vocab_size(), cfg.block_size, eos_id(data.tokenizer))
+    objective = build_objective(cfg, data.tokenizer.get_vocab_size(), eos_id(data.tokenizer))
+    model = objective.model
     sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                            runtime.rank, runtime.world_size)
     shape, non_embedding = cfg.model, non_embedding_params(model)
@@ -142,8 +153,7 @@ def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
                  f"{model.config.vocab_size}, {runtime.world_size} x {runtime.device}, {runtime.precision}, "
                  f"compile {runtime.compile}, SDPA backend {attention}; train tokens "
                  f"{data.shards.meta['tokens']['train']:,}")
-    task = TrainingTask(name="MVLM-GPT2", objective=CausalLMObjective(model, cfg.chunked_loss),
-                        logits=lambda m, x: m.logits(x),
+    task = TrainingTask(name="MVLM-GPT2", objective=objective, logits=lambda m, x: m.logits(x),
                         batches=LMBatches(sampler), flops_per_token=flops,
                         export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out), config=cfg,
                         non_embedding_params=non_embedding,

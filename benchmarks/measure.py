@@ -7,8 +7,10 @@ work slows adjacent timings alike, so the ratio survives noise that the absolute
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
+import io
 import os
 import statistics
 import time
@@ -129,14 +131,18 @@ def build_task(model: str, cfg, runtime):
 def engine_run(model: str, flags: dict, runtime, output_dir: Path):
     """A training run of `model` ("gpt2" or "simone") as the trainer builds it, started by the
     engine (optimizer, DDP/compile wrapping, prefetch) and ready for `engine_timer`."""
+    from tqdm import tqdm
+
     from mvlm_engine.trainer import start_or_restore
 
     flags = {"max_steps": 10 ** 6, "log_interval": 10 ** 6, "eval_interval": 10 ** 6, "save_interval": 10 ** 6,
              "warmup_steps": 10, "output_dir": str(output_dir), "overwrite": True, **flags}
     cfg = resolve_run_config(model, flags)
     task, data = build_task(model, cfg, runtime)
-    run = start_or_restore(cfg, task, runtime, data)
-    run.progress.disable = True  # many runs side by side: no progress bars
+    with contextlib.redirect_stderr(io.StringIO()):  # the engine's progress bar: not wanted here
+        run = start_or_restore(cfg, task, runtime, data)
+        run.progress.close()
+    run.progress = tqdm(disable=True)
     return run
 
 
@@ -184,33 +190,55 @@ def bare_loop_timer(run, steps: int) -> Callable[[], float]:
     return timer
 
 
-def attention_backend(model: str, run) -> str:
+def attention_backend(model: str, cfg, runtime) -> str:
     """The attention kernel this run's model uses here (flash-attn, or SDPA's pick, probed)."""
     from mvlm_engine.runtime import sdpa_backend_name
 
-    runtime, shape = run.runtime, run.cfg.model
+    shape = cfg.model
     if model == "gpt2":
         return "sdpa/" + sdpa_backend_name(runtime, shape.n_head, shape.n_embd // shape.n_head)
     from simone_transformer.rope_attention import resolve_attention_backend
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[runtime.precision]
     if resolve_attention_backend(shape.attention_backend, runtime.device, dtype) == "flash":
         return "flash-attn"
-    return "sdpa/" + sdpa_backend_name(runtime, shape.n_heads, shape.head_dim)
+    return "sdpa/" + sdpa_backend_name(runtime, shape.n_heads, shape.d_model // shape.n_heads)
 
 
-def micro_step_memory(run) -> dict:
-    """Peak memory of one training micro-step (forward + backward of the objective on the next
-    batch), in a process that has done nothing else since building the run."""
+def build_objective(model: str, cfg):
+    """The training module exactly as the trainer builds it, for the vocabulary the run config
+    asks for (no corpus or tokenizer needed)."""
+    if model == "gpt2":
+        import mvlm_trainer
+        return mvlm_trainer.build_objective(cfg, cfg.vocab_size, 0)
+    from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer
+    return EnhancedPrioritaryTrainer(cfg, None).build_objective(cfg.vocab_size)
+
+
+def synthetic_batch(model: str, cfg, generator: torch.Generator) -> dict:
+    """A micro-batch of the run's shapes with random token ids: (batch, block) inputs and
+    labels and, for SIM-ONE with alignment on, (2 P, max_tokens) verse pairs, all real tokens."""
+    shape = (cfg.batch_size, cfg.block_size)
+    batch = {"input_ids": torch.randint(0, cfg.vocab_size, shape, generator=generator),
+             "labels": torch.randint(0, cfg.vocab_size, shape, generator=generator)}
+    if model == "simone" and cfg.alignment_weight > 0:
+        pairs = (2 * cfg.alignment_pairs, cfg.alignment_max_tokens)
+        batch.update(pair_ids=torch.randint(0, cfg.vocab_size, pairs, generator=generator),
+                     pair_mask=torch.ones(pairs, dtype=torch.long))
+    return batch
+
+
+def micro_step_memory(objective, batch: dict, runtime) -> dict:
+    """Peak memory of one training micro-step (forward and backward of the objective, as
+    the engine runs it), in a process that has done nothing else since building it."""
     from mvlm_engine.data import to_device
 
-    device = run.runtime.device
-    batch = to_device(run.task.batches.next_batch(), device)
+    device = runtime.device
+    batch = to_device(batch, device)
     with PeakMemory(device) as memory:
-        with run.runtime.autocast():
-            loss, _ = run.model(batch)
+        with runtime.autocast():
+            loss, _ = objective(batch)
         loss.backward()
         del loss
-    run.optimizer.zero_grad(set_to_none=True)
     return {"memory_kind": memory.kind, "held_before_bytes": memory.before, "peak_bytes": memory.peak,
             "micro_step_bytes": memory.peak - memory.before}
 

@@ -167,3 +167,13 @@ def compare_vocab_padding(device: torch.device, steps: int, repeats: int, quick:
                         "pad64_speedup": paired_ratio(samples, labels[1], labels[0]),
                         "pad128_speedup": paired_ratio(samples, labels[2], labels[0])}
     return result
+
+
+def section_compare(plan, quick: bool, report: dict) -> None:
+    """benchmarks/run.py's "compare" section: the model-level comparisons and vocabulary padding."""
+    device = torch.device(plan.device)
+    shape = CompareShape(new_tokens=32 if quick else 64)
+    result = compare_models(device, shape, plan.steps, plan.repeats)
+    plan.ratios.update(result.pop("ratios"))
+    result["vocab_padding"] = compare_vocab_padding(device, plan.steps, plan.repeats, quick)
+    report["compare"] = result

@@ -1,13 +1,16 @@
-"""The sections of benchmarks/run.py: data, train (child processes), engine (one interleaved
-pool of training runs) and compare (model-level), plus the printed report."""
+"""The sections of benchmarks/run.py: data, memory and train (one child process per measured
+configuration), engine (benchmarks/engine_pool.py) and compare (benchmarks/model_compare.py),
+plus the printed report."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import REPO
@@ -15,12 +18,11 @@ from measure import repo_paths
 
 repo_paths()
 PREPARE = REPO / "mvlm_training_dataset_complete" / "prepare.py"
-GPT2_SAME_SHAPE_AS_SIMONE_TINY = {"n_layer": 4}  # SIM-ONE tiny: 4 layers x 128 (GPT-2 tiny: 2 x 128)
-FAST_PATH_OFF = {"chunked_loss": False, "prefetch_batches": False}
-SIMONE_FAST_PATH_OFF = {**FAST_PATH_OFF, "alignment_pair_cache": False}
-SIMONE_ALL_OFF = {"coherence_weight": 0.0, "alignment_weight": 0.0, "z_loss_weight": 0.0, "memory_tokens": 0,
-                  "policy_gate": False}
-SIMONE_VS_GPT2_GOAL = 0.6  # issue 12: SIM-ONE tiny, everything on, at >= 0.6x GPT-2's tokens/s, same shape
+MODELS = ("gpt2", "simone")
+# The old path, piece by piece behind its setting: full logits, plain-op layers, no prefetch,
+# and for SIM-ONE verse pairs tokenized every micro-step.
+FAST_PATH_OFF = {"chunked_loss": False, "fused_layers": False, "prefetch_batches": False}
+OLD_PATH = {"gpt2": FAST_PATH_OFF, "simone": {**FAST_PATH_OFF, "alignment_pair_cache": False}}
 
 
 # --------------------------------------------------------------------------- data
@@ -71,174 +73,119 @@ def measure_data_full(plan, report: dict) -> None:
     report["data"] = {"corpus": "all default translations", "build_corpus_seconds": seconds, **tokenizing}
 
 
-# --------------------------------------------------------------------------- train: one child per configuration
+# --------------------------------------------------------------------------- children
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, env: dict | None = None) -> dict:
+    """One measurement in a fresh process (run.py --child SPEC), its last stdout line as JSON."""
     command = [sys.executable, str(Path(__file__).with_name("run.py")), "--child", json.dumps(spec)]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"[bench] child {spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def child_main(spec: dict) -> None:
-    """In a fresh process: the micro-step peak memory, then (steps > 0) timed engine steps."""
-    import torch
-    from measure import attention_backend, engine_run, engine_timer, micro_step_memory
-    from mvlm_engine.metrics import mfu, peak_flops
+    """In a fresh process: {"kind": "memory"} or {"kind": "train"}; prints one JSON line."""
     from mvlm_engine.runtime import start_runtime
 
-    runtime = start_runtime(spec["device"], "auto", spec.get("compile"))
-    with tempfile.TemporaryDirectory() as tmp:
-        run = engine_run(spec["model"], spec["flags"], runtime, Path(tmp) / "run")
-        result = micro_step_memory(run)
-        if spec["steps"]:
-            timer = engine_timer(run, spec["steps"])
-            timer()  # warm-up (and compilation)
-            tokens_per_s = timer()
-            result.update(tokens_per_s=tokens_per_s, mfu=mfu(run.task.flops_per_token, tokens_per_s,
-                                                              peak_flops(runtime.device), runtime.world_size),
-                          flops_per_token=run.task.flops_per_token)
-        result.update(attention=attention_backend(spec["model"], run), precision=runtime.precision,
-                      compile=runtime.compile, tokens_per_step=run.tokens_per_step,
-                      batch=[run.cfg.batch_size, run.cfg.block_size, run.cfg.gradient_accumulation_steps])
-    del run
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    runtime = start_runtime(spec["device"], "auto", spec.get("compile", False))
+    result = child_memory(spec, runtime) if spec["kind"] == "memory" else child_train(spec, runtime)
     print(json.dumps(result))
 
 
+def child_memory(spec: dict, runtime) -> dict:
+    """Peak memory of one training micro-step of the objective the trainer builds, on a batch
+    of random token ids of the run's shapes."""
+    import torch
+    from measure import build_objective, micro_step_memory, resolve_run_config, synthetic_batch
+
+    cfg = resolve_run_config(spec["model"], spec["flags"])
+    objective = build_objective(spec["model"], cfg).to(runtime.device)
+    batch = synthetic_batch(spec["model"], cfg, torch.Generator().manual_seed(0))
+    result = micro_step_memory(objective, batch, runtime)
+    result.update(batch=[cfg.batch_size, cfg.block_size], vocab_size=cfg.vocab_size, precision=runtime.precision,
+                  parameters=sum(p.numel() for p in objective.parameters()))
+    return result
+
+
+def child_train(spec: dict, runtime) -> dict:
+    """Tokens/s (and MFU on a GPU) of engine optimizer steps on the real corpus, after one
+    warm-up (and compilation) timing."""
+    from measure import attention_backend, engine_timer, engine_run
+    from mvlm_engine.metrics import mfu, peak_flops
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = engine_run(spec["model"], spec["flags"], runtime, Path(tmp) / "run")
+        timer = engine_timer(run, spec["steps"])
+        timer()
+        tokens_per_s = max(timer() for _ in range(spec.get("repeats", 1)))
+    return {"tokens_per_s": tokens_per_s, "flops_per_token": run.task.flops_per_token,
+            "mfu": mfu(run.task.flops_per_token, tokens_per_s, peak_flops(runtime.device), runtime.world_size),
+            "attention": attention_backend(spec["model"], run.cfg, runtime), "precision": runtime.precision,
+            "compile": runtime.compile, "tokens_per_step": run.tokens_per_step,
+            "batch": [run.cfg.batch_size, run.cfg.block_size, run.cfg.gradient_accumulation_steps]}
+
+
+# --------------------------------------------------------------------------- memory and train sections
+
+
+def memory_batch_size(plan, preset: str) -> dict:
+    """On a CPU, presets above tiny take one sequence per micro-step (their real batches would
+    not fit the RAM of a small machine); on a GPU, the preset's own batch."""
+    return {} if plan.device == "cuda" or preset == "tiny" else {"batch_size": 1}
+
+
+def malloc_env(plan) -> tuple[dict | None, str]:
+    """The measuring processes' environment on a CPU. glibc serves a freed block of up to
+    M_MMAP_THRESHOLD from its heap, and the threshold rises with each large block freed (to
+    32 MiB): activations then sit in a fragmented heap, and the RSS high-water mark depends on
+    the order of allocations as much as on what is live. A fixed threshold maps and unmaps every
+    tensor above it on its own, so RSS follows the live tensors; both paths run under it."""
+    if plan.device == "cuda":
+        return None, "cuda max_memory_allocated"
+    if not plan.malloc_mmap_threshold:
+        return None, "rss, glibc malloc defaults"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(plan.malloc_mmap_threshold)}
+    return env, f"rss, MALLOC_MMAP_THRESHOLD_={plan.malloc_mmap_threshold}"
+
+
+def section_memory(plan, quick: bool, report: dict) -> None:
+    """Per model and preset: one micro-step's peak memory on the old path and on the fast
+    path, each in a fresh process, side by side; ratio = old / fast (>= 1: the fast path holds less)."""
+    env, kind = malloc_env(plan)
+    rows, jobs = {"measured as": kind}, {}
+    for preset in plan.memory_presets:
+        for model in MODELS:
+            flags = {"preset": preset, "device": plan.device, **memory_batch_size(plan, preset)}
+            spec = {"kind": "memory", "model": model, "device": plan.device}
+            jobs[(model, preset)] = [{**spec, "flags": {**flags, **OLD_PATH[model]}}, {**spec, "flags": flags}]
+    # Each child's peak is its own process's, so two run at once (RAM permitting) to save time.
+    with ThreadPoolExecutor(max_workers=1 if plan.device == "cuda" else 2) as pool:
+        results = {key: [pool.submit(run_child, spec, env) for spec in specs] for key, specs in jobs.items()}
+    for (model, preset), (old, fast) in results.items():
+        old, fast = old.result(), fast.result()
+        rows[f"{model} {preset}"] = {"old path": old, "fast path": fast,
+                                     "lower_by": 1 - fast["micro_step_bytes"] / old["micro_step_bytes"]}
+        plan.ratios[f"{model}_{preset}_micro_step_memory_ratio"] = old["micro_step_bytes"] / fast["micro_step_bytes"]
+    report["memory"] = rows
+
+
 def section_train(plan, quick: bool, report: dict) -> None:
-    """Per model and preset: fast path on (memory + tokens/s), then off (memory only)."""
+    """Per model and preset: tokens/s (MFU on a GPU) through the real engine on the corpus,
+    fast path on, each configuration in a fresh process."""
     rows = {}
     for preset in plan.presets:
-        for model, off in (("gpt2", FAST_PATH_OFF), ("simone", SIMONE_FAST_PATH_OFF)):
+        for model in MODELS:
             flags = {"preset": preset, "device": plan.device, "data_dir": str(plan.data_dir),
-                     "cache_dir": str(plan.cache_dir)}
-            spec = {"model": model, "device": plan.device, "flags": flags, "steps": plan.steps}
-            on = run_child(spec)
-            before = run_child({**spec, "flags": {**flags, **off}, "steps": 0})
-            rows[f"{model} {preset}"] = {"fast_path": on, "before": before}
-            plan.ratios[f"{model}_{preset}_micro_step_memory_ratio"] = (before["micro_step_bytes"]
-                                                                      / on["micro_step_bytes"])
+                     "cache_dir": str(plan.cache_dir), "compile": None if plan.device == "cuda" else False}
+            rows[f"{model} {preset}"] = run_child({"kind": "train", "model": model, "device": plan.device,
+                                                   "compile": flags["compile"], "flags": flags,
+                                                   "steps": plan.steps, "repeats": plan.repeats})
     report["train"] = rows
 
 
-# --------------------------------------------------------------------------- engine: one interleaved pool
-
-
-def engine_variants() -> list[tuple[str, str, dict]]:
-    """(name, model, flags over the tiny preset); names compared with each other sit side by side."""
-    same = GPT2_SAME_SHAPE_AS_SIMONE_TINY
-    return [
-        ("simone", "simone", {}), ("gpt2 4x128", "gpt2", same),
-        ("simone, fast path off", "simone", SIMONE_FAST_PATH_OFF),
-        ("gpt2 4x128, fast path off", "gpt2", {**same, **FAST_PATH_OFF}),
-        ("simone, chunked loss off", "simone", {"chunked_loss": False}),
-        ("simone, pair cache off", "simone", {"alignment_pair_cache": False}),
-        ("simone, prefetch off", "simone", {"prefetch_batches": False}),
-        ("simone, no t+2 head", "simone", {"coherence_weight": 0.0}),
-        ("simone, no alignment", "simone", {"alignment_weight": 0.0}),
-        ("simone, no z-loss", "simone", {"z_loss_weight": 0.0}),
-        ("simone, no memory tokens", "simone", {"memory_tokens": 0}),
-        ("simone, no policy gate", "simone", {"policy_gate": False}),
-        ("simone, all off (plain Llama)", "simone", SIMONE_ALL_OFF),
-        ("simone, muon", "simone", {"optimizer": "muon"}),
-        ("simone, untied head", "simone", {"tie_embeddings": False}),
-        ("gpt2 4x128, chunked loss off", "gpt2", {**same, "chunked_loss": False}),
-        ("gpt2 4x128, prefetch off", "gpt2", {**same, "prefetch_batches": False}),
-        ("gpt2 tiny, engine", "gpt2", {}), ("gpt2 tiny, bare loop", "gpt2", {}),
-        ("gpt2 tiny, engine, full logits", "gpt2", {"chunked_loss": False}),
-    ]
-
-
-def engine_ratios(samples: dict) -> dict:
-    from measure import paired_ratio
-
-    pairs = {"simone_fast_path_ratio": ("simone", "simone, fast path off"),
-             "simone_chunked_loss_ratio": ("simone", "simone, chunked loss off"),
-             "simone_pair_cache_ratio": ("simone", "simone, pair cache off"),
-             "simone_prefetch_ratio": ("simone", "simone, prefetch off"),
-             "gpt2_fast_path_ratio": ("gpt2 4x128", "gpt2 4x128, fast path off"),
-             "gpt2_chunked_loss_ratio": ("gpt2 4x128", "gpt2 4x128, chunked loss off"),
-             "gpt2_prefetch_ratio": ("gpt2 4x128", "gpt2 4x128, prefetch off"),
-             "gpt2_engine_vs_bare_loop_ratio": ("gpt2 tiny, engine", "gpt2 tiny, bare loop"),
-             "gpt2_engine_full_logits_vs_bare_loop_ratio": ("gpt2 tiny, engine, full logits", "gpt2 tiny, bare loop")}
-    ratios = {key: paired_ratio(samples, *names) for key, names in pairs.items()}
-    now = paired_ratio(samples, "simone", "gpt2 4x128")
-    ratios.update(simone_vs_gpt2_goal_ratio=now / SIMONE_VS_GPT2_GOAL)
-    return ratios
-
-
-def section_engine(plan, quick: bool, report: dict) -> None:
-    """Every variant built through its trainer and started by the engine, then timed round-robin."""
-    from measure import bare_loop_timer, engine_run, engine_timer, interleaved, median, paired_ratio
-    from mvlm_engine.runtime import start_runtime
-
-    runtime = start_runtime(plan.device, "auto", False)  # compile off: many small runs
-    timers, runs = {}, {}
-    base = {"preset": "tiny", "device": plan.device, "data_dir": str(plan.data_dir), "cache_dir": str(plan.cache_dir),
-            "compile": False}
-    with tempfile.TemporaryDirectory() as tmp:
-        for index, (name, model, flags) in enumerate(engine_variants()):
-            if name.endswith("bare loop"):
-                timers[name] = bare_loop_timer(runs["gpt2 tiny, engine"], plan.steps)
-                continue
-            runs[name] = engine_run(model, {**base, **flags}, runtime, Path(tmp) / f"run{index}")
-            timers[name] = engine_timer(runs[name], plan.steps)
-        pair_seconds = time_pair_batches(runs["simone"], runs["simone, pair cache off"])
-        samples = interleaved(timers, plan.repeats)
-    tokens_per_s = median(samples)
-    plan.ratios.update(engine_ratios(samples))
-    plan.ratios["pair_batch_time_ratio"] = pair_seconds["tokenized every micro-step"] / pair_seconds["pair cache"]
-    simone_vs_gpt2 = {"fast path on": paired_ratio(samples, "simone", "gpt2 4x128"),
-                      "fast path off (before)": paired_ratio(samples, "simone, fast path off",
-                                                             "gpt2 4x128, fast path off")}
-    report["engine"] = {"tokens_per_s": tokens_per_s, "simone_vs_gpt2_same_shape": simone_vs_gpt2,
-                        "simone_breakdown": breakdown(samples), "pair_batch_seconds": pair_seconds,
-                        "vocab_size": {n: r.task.objective.model.config.vocab_size for n, r in runs.items()
-                                       if n in ("simone", "gpt2 4x128")}}
-
-
-def breakdown(samples: dict) -> dict:
-    """Share of SIM-ONE's step time each piece costs: 1 - (tokens/s with it) / (tokens/s without)."""
-    from measure import paired_ratio
-
-    pieces = {"t+2 head (coherence)": "simone, no t+2 head", "alignment forward + InfoNCE": "simone, no alignment",
-              "z-loss": "simone, no z-loss", "memory tokens": "simone, no memory tokens",
-              "policy gate": "simone, no policy gate", "all of the above": "simone, all off (plain Llama)"}
-    shares = {piece: 1 - paired_ratio(samples, "simone", name) for piece, name in pieces.items()}
-    shares["muon instead of adamw (extra share)"] = 1 - paired_ratio(samples, "simone, muon", "simone")
-    shares["untied head (extra share)"] = 1 - paired_ratio(samples, "simone, untied head", "simone")
-    return shares
-
-
-def time_pair_batches(cached_run, uncached_run, count: int = 128) -> dict:
-    """Seconds per micro-batch from SIM-ONE's batch source, with and without the pair cache (the
-    sources themselves, before any step: their prefetching wrappers have drawn nothing yet)."""
-    seconds = {}
-    for name, run in (("pair cache", cached_run), ("tokenized every micro-step", uncached_run)):
-        source = getattr(run.task.batches, "source", run.task.batches)
-        started = time.perf_counter()
-        for _ in range(count):
-            source.next_batch()
-        seconds[name] = (time.perf_counter() - started) / count
-    return seconds
-
-
-# --------------------------------------------------------------------------- compare and report
-
-
-def section_compare(plan, quick: bool, report: dict) -> None:
-    import torch
-    from model_compare import CompareShape, compare_models, compare_vocab_padding
-
-    device = torch.device(plan.device)
-    shape = CompareShape(new_tokens=32 if quick else 64)
-    result = compare_models(device, shape, plan.steps, plan.repeats)
-    plan.ratios.update(result.pop("ratios"))
-    result["vocab_padding"] = compare_vocab_padding(device, plan.steps, plan.repeats, quick)
-    report["compare"] = result
+# --------------------------------------------------------------------------- report
 
 
 def print_report(report: dict) -> None:

@@ -90,6 +90,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
     chunked_loss: bool = setting(True, "cross-entropy through the unembedding a chunk of rows at a time, so the "
                                        "full tokens x vocabulary logits are never held (off: full logits, as before)")
+    fused_layers: bool = setting(True, "activations through fused kernels and autograd functions that keep fewer "
+                                       "tensors for the backward pass, same forward values (off: plain ops, as before)")
     prefetch_batches: bool = setting(True, "prepare the next micro-batch in a background thread while the current "
                                            "step runs (pinned, non-blocking copies on CUDA)")
     log_interval: int = setting(10, "steps between logged training records")

@@ -1,6 +1,7 @@
 """The CPU fast path computes what the old path computed: chunked cross-entropy (values and
-gradients, both objectives), verse pairs from the per-run cache, and prefetched batches that
-resume exactly."""
+gradients, both objectives, z-loss, soft-cap, vocabulary padding), fused layers (SIM-ONE's
+RMSNorm and SwiGLU, GPT-2's GELU), verse pairs from the per-run cache, and prefetched batches
+that resume exactly. Every old path stays reachable through its setting."""
 import copy
 
 import numpy as np
@@ -28,11 +29,12 @@ def test_chunked_log_partition_has_exact_gradients(softcap):
         lambda h, w: linear_log_partition(h, w, targets, softcap=softcap, chunk_rows=8), (hidden, weight))
 
 
-def test_chunked_cross_entropy_and_z_loss_match_the_full_logits_in_fp32():
+@pytest.mark.parametrize("vocab", [1000, 1024])  # padded to 1024 inside the loss; already a multiple of 64
+def test_chunked_cross_entropy_and_z_loss_match_the_full_logits_in_fp32(vocab):
     torch.manual_seed(0)
     hidden = torch.randn(300, 32, requires_grad=True)
-    weight = torch.randn(1000, 32, requires_grad=True)
-    targets = torch.randint(0, 1000, (300,))
+    weight = torch.randn(vocab, 32, requires_grad=True)
+    targets = torch.randint(0, vocab, (300,))
     log_partition, target_logit = linear_log_partition(hidden, weight, targets, chunk_rows=64)
     ours = cross_entropy_from_log_partition(log_partition, target_logit) + 0.1 * z_loss_from_log_partition(
         log_partition)
@@ -41,6 +43,20 @@ def test_chunked_cross_entropy_and_z_loss_match_the_full_logits_in_fp32():
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     for a, b in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(reference, (hidden, weight))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_matches_full_logits():
+    """Matmuls in bf16, softmax statistics in fp32, as F.linear(...).float() does under autocast."""
+    torch.manual_seed(0)
+    hidden = torch.randn(200, 64, requires_grad=True)
+    weight = torch.randn(500, 64, requires_grad=True)
+    targets = torch.randint(0, 500, (200,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = cross_entropy_from_log_partition(*linear_log_partition(hidden, weight, targets, chunk_rows=64))
+        reference = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-3)
+    for a, b in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(reference, (hidden, weight))):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
 
 
 def assert_same_loss_and_gradients(full, chunked, batch):
@@ -84,6 +100,80 @@ def test_gpt2_objective_chunked_equals_full_logits():
     chunked.chunked_loss = True
     x = torch.randint(0, 300, (3, 32))
     assert_same_loss_and_gradients(full, chunked, {"input_ids": x, "labels": torch.roll(x, -1, 1)})
+
+
+def simone_pair(**overrides):
+    torch.manual_seed(0)
+    fused = SimOneModel(simone_preset("tiny", vocab_size=300, max_seq_len=32, memory_tokens=2, **overrides))
+    plain = copy.deepcopy(fused)
+    plain.use_fused_layers(False)
+    return fused, plain
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "value_embeddings": True, "policy_gate": False}])
+def test_fused_layers_equal_plain_ops(overrides):
+    """Same logits bit for bit (the forward arithmetic is the same); gradients to fp32 rounding."""
+    fused, plain = simone_pair(**overrides)
+    assert sum(m.fused for m in fused.modules() if hasattr(m, "fused")) >= 2 * fused.config.n_layers
+    x = torch.randint(0, 300, (3, 32))
+    logits_fused, logits_plain = fused(x).logits, plain(x).logits
+    assert torch.equal(logits_fused, logits_plain)
+    logits_fused.square().mean().backward()
+    logits_plain.square().mean().backward()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_layers_equal_plain_ops_under_bf16_autocast():
+    fused, plain = simone_pair()
+    x = torch.randint(0, 300, (3, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_fused, logits_plain = fused(x).logits, plain(x).logits
+    assert torch.equal(logits_fused, logits_plain)
+    logits_fused.float().square().mean().backward()
+    logits_plain.float().square().mean().backward()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_gpt2_fused_gelu_equals_gelu_new():
+    """gelu_pytorch_tanh and gelu_new are the same function (the tanh approximation)."""
+    from mvlm_trainer import GPT2Shape, build_model
+
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        models.append(build_model(GPT2Shape(n_layer=2, n_embd=32, n_head=4), 300, 32, 0, fused_gelu=fused))
+    assert [m.config.activation_function for m in models] == ["gelu_pytorch_tanh", "gelu_new"]
+    x = torch.randint(0, 300, (3, 32))
+    logits = [m(input_ids=x).logits for m in models]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    for out in logits:
+        out.square().mean().backward()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "simone"])
+def test_old_path_settings_reach_the_objective(model):
+    """--no_chunked_loss and --no_fused_layers switch the built objective back to the old path."""
+    from mvlm_engine.cli import resolve_settings
+
+    if model == "gpt2":
+        from mvlm_trainer import GPT2RunConfig, build_objective
+        flags = {"preset": "tiny", "vocab_size": 300}
+        objectives = [build_objective(resolve_settings(GPT2RunConfig, {**flags, **extra}, {}), 300, 0)
+                      for extra in ({}, {"chunked_loss": False, "fused_layers": False})]
+        assert [o.model.config.activation_function for o in objectives] == ["gelu_pytorch_tanh", "gelu_new"]
+    else:
+        from prioritary_mvlm.config import PrioritaryConfig
+        from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer
+        objectives = [EnhancedPrioritaryTrainer(resolve_settings(PrioritaryConfig, {"preset": "tiny", **extra}, {}),
+                                                None).build_objective(300)
+                      for extra in ({}, {"chunked_loss": False, "fused_layers": False})]
+        flags_of = [{m.fused for m in o.modules() if hasattr(m, "fused")} for o in objectives]
+        assert flags_of == [{True}, {False}]
+    assert [o.chunked_loss for o in objectives] == [True, False]
 
 
 def test_cached_pairs_equal_pairs_tokenized_every_micro_step(small_corpus):

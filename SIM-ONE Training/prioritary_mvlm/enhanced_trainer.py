@@ -84,16 +84,23 @@ class EnhancedPrioritaryTrainer:
         return {"coherence": self.cfg.coherence_weight, "alignment": self.cfg.alignment_weight,
                 "stability": self.cfg.z_loss_weight}
 
+    def build_objective(self, vocab_size: int) -> CompositeObjective:
+        """The training module of a run: its SIM-ONE (seeded) under the composite loss."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = SimOneModel(cfg.model_config(vocab_size))
+        model.use_fused_layers(cfg.fused_layers)
+        return CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature,
+                                  cfg.chunked_loss)
+
     def build_task(self) -> tuple[TrainingTask, object]:
         cfg, runtime = self.cfg, self.runtime
         data = prepare_token_data(cfg, runtime, tokenizer_factory=lambda corpus, cache: build_simone_tokenizer(
             corpus, cfg.vocab_size, cfg.quality_seeds, cache))
         # Alignment pairs come from verses.jsonl: check it before building the model.
         verses = ParallelVerses(cfg.data_dir, "train") if cfg.alignment_weight > 0 else None
-        torch.manual_seed(cfg.seed)
-        model = SimOneModel(cfg.model_config(data.tokenizer.get_vocab_size()))
-        objective = CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature,
-                                       cfg.chunked_loss)
+        objective = self.build_objective(data.tokenizer.get_vocab_size())
+        model = objective.model
         sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                                runtime.rank, runtime.world_size)
         batches = PairedBatches(LMBatches(sampler), verses, data.tokenizer, cfg, runtime.rank)

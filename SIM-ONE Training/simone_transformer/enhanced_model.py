@@ -268,6 +268,14 @@ class SimOneModel(nn.Module):
             if module.skip_weights is not None:
                 nn.init.ones_(module.skip_weights)
 
+    def use_fused_layers(self, enabled: bool) -> None:
+        """Norms, RoPE and the SwiGLU gate through the autograd functions of modern_layers
+        (the default: fewer activations kept for the backward pass), or as plain ops (the
+        baseline a memory comparison measures). Forward values are the same either way."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = enabled
+
     # ------------------------------------------------------------------ accounting
 
     def count_parameters(self, non_embedding: bool = True) -> int:

@@ -8,10 +8,10 @@ where SIM-ONE's step time goes (each mechanism, loss and optimizer choice switch
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
-from measure import bare_loop_timer, engine_run, engine_timer, interleaved, median, paired_ratio
+from measure import (bare_loop_timer, engine_run, engine_timer, flops_per_token, interleaved, median, now,
+                     paired_ratio)
 from sections import OLD_PATH
 
 GPT2_SAME_SHAPE_AS_SIMONE_TINY = {"n_layer": 4}  # SIM-ONE tiny: 4 layers x 128 (GPT-2 tiny: 2 x 128)
@@ -33,6 +33,7 @@ def engine_variants(quick: bool) -> list[tuple[str, str, dict]]:
         ("simone, chunked loss off", "simone", {"chunked_loss": False}),
         ("simone, fused layers off", "simone", {"fused_layers": False}),
         ("simone, pair cache off", "simone", {"alignment_pair_cache": False}),
+        ("simone, prefetch on", "simone", {"prefetch_batches": True}),
         ("simone, prefetch off", "simone", {"prefetch_batches": False}),
         ("simone, no t+2 head", "simone", {"coherence_weight": 0.0}),
         ("simone, no alignment", "simone", {"alignment_weight": 0.0}),
@@ -44,6 +45,7 @@ def engine_variants(quick: bool) -> list[tuple[str, str, dict]]:
         ("simone, untied head", "simone", {"tie_embeddings": False}),
         ("gpt2 4x128, chunked loss off", "gpt2", {**same, "chunked_loss": False}),
         ("gpt2 4x128, fused layers off", "gpt2", {**same, "fused_layers": False}),
+        ("gpt2 4x128, prefetch on", "gpt2", {**same, "prefetch_batches": True}),
         ("gpt2 4x128, prefetch off", "gpt2", {**same, "prefetch_batches": False}),
     ]
 
@@ -53,11 +55,11 @@ def engine_ratios(samples: dict) -> dict:
     pairs = {"simone_fast_path_ratio": ("simone", "simone, old path"),
              "gpt2_fast_path_ratio": ("gpt2 4x128", "gpt2 4x128, old path"),
              "gpt2_engine_vs_bare_loop_ratio": ("gpt2 4x128", BARE_LOOP)}
-    for model in ("simone", "gpt2 4x128"):
+    for model in ("simone", "gpt2 4x128"):  # each piece on (the default) against it alone off
         for piece in ("chunked loss", "fused layers", "pair cache", "prefetch"):
+            on = f"{model}, prefetch on" if piece == "prefetch" else model  # prefetch's default depends on the device
             if f"{model}, {piece} off" in samples:
-                key = f"{model.split()[0]}_{piece.replace(' ', '_')}_ratio"
-                pairs[key] = (model, f"{model}, {piece} off")
+                pairs[f"{model.split()[0]}_{piece.replace(' ', '_')}_ratio"] = (on, f"{model}, {piece} off")
     ratios = {key: paired_ratio(samples, *names) for key, names in pairs.items()}
     ratios["simone_vs_gpt2_goal_ratio"] = paired_ratio(samples, "simone", "gpt2 4x128") / SIMONE_VS_GPT2_GOAL
     return ratios
@@ -86,6 +88,7 @@ def section_engine(plan, quick: bool, report: dict) -> None:
         timers = build_timers(plan, runs, Path(tmp), quick)
         pair_seconds = time_pair_batches(runs["simone"], runs["simone, old path"])
         samples = interleaved(timers, plan.repeats)
+    flops = {name: flops_per_token(model, runs[name]) for name, model in (("simone", "simone"), ("gpt2 4x128", "gpt2"))}
     plan.ratios.update(engine_ratios(samples))
     plan.ratios["pair_batch_time_ratio"] = pair_seconds["tokenized every micro-step"] / pair_seconds["pair cache"]
     report["engine"] = {
@@ -94,6 +97,8 @@ def section_engine(plan, quick: bool, report: dict) -> None:
         "simone_vs_gpt2_same_shape": {
             "fast path": paired_ratio(samples, "simone", "gpt2 4x128"),
             "old path": paired_ratio(samples, "simone, old path", "gpt2 4x128, old path")},
+        # tokens/s of SIM-ONE / GPT-2 if both turned FLOPs into tokens equally fast
+        "simone_vs_gpt2_flop_ceiling": flops["gpt2 4x128"] / flops["simone"], "flops_per_token": flops,
         "pair_batch_seconds": pair_seconds,
         "vocab_size": {n: r.task.objective.model.config.vocab_size for n, r in runs.items()
                        if n in ("simone", "gpt2 4x128")}}
@@ -119,9 +124,9 @@ def time_pair_batches(cached_run, uncached_run, count: int = 64) -> dict:
     for name, run in (("pair cache", cached_run), ("tokenized every micro-step", uncached_run)):
         source = getattr(run.task.batches, "source", run.task.batches)
         state = source.state_dict()
-        started = time.perf_counter()
+        started = now()
         for _ in range(count):
             source.next_batch()
-        seconds[name] = (time.perf_counter() - started) / count
+        seconds[name] = (now() - started) / count
         source.load_state_dict(state)
     return seconds

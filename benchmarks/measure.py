@@ -24,6 +24,22 @@ from common import REPO
 
 # --------------------------------------------------------------------------- timing
 
+# What the timers read: wall time, or this process's CPU time (all its threads). On a CPU
+# shared with other work, with one intra-op thread, CPU time counts the work a variant does
+# and not the time the scheduler gave to other processes, so it is steady where wall time is
+# not; on an otherwise idle machine the two agree (one busy thread: CPU time = wall time).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = [time.perf_counter]
+
+
+def use_clock(name: str) -> None:
+    _clock[0] = CLOCKS[name]
+
+
+def now() -> float:
+    return _clock[0]()
+
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -154,11 +170,11 @@ def engine_timer(run, steps: int) -> Callable[[], float]:
     stop = StopSignal()  # never entered: no handler installed, no stop requested
 
     def timer() -> float:
-        started = time.perf_counter()
+        started = now()
         for _ in range(steps):
             optimizer_step(run, stop)
         sync(run.runtime.device)
-        return steps * run.tokens_per_step / (time.perf_counter() - started)
+        return steps * run.tokens_per_step / (now() - started)
 
     return timer
 
@@ -173,7 +189,7 @@ def bare_loop_timer(run, steps: int) -> Callable[[], float]:
     sampler = copy.deepcopy(run.task.batches.source if hasattr(run.task.batches, "source") else run.task.batches)
 
     def timer() -> float:
-        started = time.perf_counter()
+        started = now()
         for _ in range(steps):
             batch = sampler.next_batch()
             x, y = batch["input_ids"].to(device), batch["labels"].to(device)
@@ -185,7 +201,7 @@ def bare_loop_timer(run, steps: int) -> Callable[[], float]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         sync(device)
-        return steps * x.numel() / (time.perf_counter() - started)
+        return steps * x.numel() / (now() - started)
 
     return timer
 
@@ -225,6 +241,23 @@ def synthetic_batch(model: str, cfg, generator: torch.Generator) -> dict:
         batch.update(pair_ids=torch.randint(0, cfg.vocab_size, pairs, generator=generator),
                      pair_mask=torch.ones(pairs, dtype=torch.long))
     return batch
+
+
+def flops_per_token(model: str, run) -> float:
+    """Matmul and attention FLOPs of one training micro-step (forward and backward of the run's
+    objective on a batch of its shapes), per language-modelling token, as torch's FlopCounterMode
+    counts them. It does not count the chunked cross-entropy's in-place weight-gradient
+    accumulation but does count its recompute, so each head counts three (rows x D x V) matmuls,
+    as a plain LM head would: model arithmetic, comparable between models."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    objective = run.task.objective
+    batch = synthetic_batch(model, run.cfg, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = objective(batch)
+        loss.backward()
+    objective.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch["input_ids"].numel()
 
 
 def micro_step_memory(objective, batch: dict, runtime) -> dict:

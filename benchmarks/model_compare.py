@@ -7,13 +7,12 @@ tokens/s of SIM-ONE's KV-cache `generate` against HF `generate` (cache on) for t
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from measure import interleaved, median, paired_ratio, sync
+from measure import interleaved, median, now, paired_ratio, sync
 
 
 @dataclass
@@ -67,23 +66,23 @@ def train_timer(model, loss_fn, batch, steps: int):
 
     def timer() -> float:
         model.train()
-        started = time.perf_counter()
+        started = now()
         for _ in range(steps):
             loss_fn(model, x, y).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         sync(x.device)
-        return steps * x.numel() / (time.perf_counter() - started)
+        return steps * x.numel() / (now() - started)
 
     return timer
 
 
 def decode_timer(generate, new_tokens: int, device):
     def timer() -> float:
-        started = time.perf_counter()
+        started = now()
         generate()
         sync(device)
-        return new_tokens / (time.perf_counter() - started)
+        return new_tokens / (now() - started)
     return timer
 
 
@@ -135,13 +134,13 @@ def head_timer(hidden, weight, targets, steps: int):
     from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition
 
     def timer() -> float:
-        started = time.perf_counter()
+        started = now()
         for _ in range(steps):
             loss = cross_entropy_from_log_partition(*linear_log_partition(hidden, weight, targets))
             grads = torch.autograd.grad(loss, (hidden, weight))
         del grads
         sync(hidden.device)
-        return steps * len(hidden) / (time.perf_counter() - started)
+        return steps * len(hidden) / (now() - started)
 
     return timer
 

@@ -28,7 +28,8 @@ Sections (--sections; default all, --quick: all but train):
 
 The old path is the code as it was before the fast path, behind its settings: --no_chunked_loss
 (full logits), --no_fused_layers (plain-op norms, SwiGLU, GELU), --no_prefetch_batches and, for
-SIM-ONE, --no_alignment_pair_cache (verse pairs tokenized every micro-step).
+SIM-ONE, --no_alignment_pair_cache (verse pairs tokenized every micro-step). Prefetching is on by
+default on CUDA only (the engine section measures it on and off).
 
 With --json the last line is one JSON object; keys ending in _ratio are ours / reference, where
 >= 1.0 means ours is at least as good (throughput: ours faster; memory: old path / fast path).
@@ -69,6 +70,9 @@ class BenchSettings:
     repeats: int = setting(0, "interleaved rounds per timing (0: 3 with --quick, 5 otherwise)")
     steps: int = setting(0, "optimizer steps per timing (0: 1 with --quick, 2 otherwise)")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to measure")
+    clock: Literal["auto", "wall", "cpu"] = setting(
+        "auto", "what the timings read: wall time, or the process's CPU time (auto: CPU time on a CPU with one "
+                "intra-op thread, where it is steady under other load; wall time otherwise)")
     threads: int = setting(0, "torch intra-op threads for the timings on a CPU (0: 1 with --quick, which keeps the "
                               "ratios steady on a machine shared with other work; else torch's default)")
     malloc_mmap_threshold: int = setting(131072, "memory section on a CPU: glibc's M_MMAP_THRESHOLD in bytes for the "
@@ -97,22 +101,27 @@ class Plan:
     presets: list[str]
     memory_presets: list[str]
     malloc_mmap_threshold: int
-    results: dict = field(default_factory=dict)
+    clock: str
     ratios: dict = field(default_factory=dict)
 
 
 def make_plan(settings: BenchSettings) -> Plan:
     import torch
 
+    import measure
     device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) else "cpu"
     if device == "cpu" and (settings.threads or settings.quick):
         torch.set_num_threads(settings.threads or 1)
+    clock = settings.clock if settings.clock != "auto" else (
+        "cpu" if device == "cpu" and torch.get_num_threads() == 1 else "wall")
+    measure.use_clock(clock)
     out = Path(settings.output_dir) / ("quick" if settings.quick else "full")
     presets = settings.presets or (["small"] if device == "cuda" else ["tiny"])
     memory_presets = settings.memory_presets or (["tiny"] if settings.quick else ["tiny", "small"])
     data_dir = out / "corpus" if settings.quick else Path(settings.data_dir)
     return Plan(device, data_dir, out / "cache", out, settings.repeats or (3 if settings.quick else 5),
-                settings.steps or (1 if settings.quick else 2), presets, memory_presets, settings.malloc_mmap_threshold)
+                settings.steps or (1 if settings.quick else 2), presets, memory_presets, settings.malloc_mmap_threshold,
+                clock)
 
 
 def machine_line() -> dict:
@@ -125,7 +134,7 @@ def machine_line() -> dict:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
-            "cpu_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
             "python": platform.python_version(), "load_average_before": os.getloadavg()}
 
 
@@ -143,7 +152,8 @@ def main(argv=None) -> None:
     plan = make_plan(settings)
     chosen = settings.sections or list(QUICK_SECTIONS if settings.quick else SECTIONS)
     plan.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine_line(), "quick": settings.quick, "device": plan.device}
+    report = {"machine": machine_line(), "quick": settings.quick, "device": plan.device, "clock": plan.clock,
+              "rounds": plan.repeats, "steps_per_timing": plan.steps}
     if settings.quick:
         sections.build_quick_corpus(plan, QUICK_TRANSLATIONS, "data" in chosen, report)
     else:

@@ -62,6 +62,9 @@ class PrefetchedBatches:
             self.source.load_state_dict(self.position)
 
 
-def with_prefetch(task, enabled: bool, device: torch.device):
-    """The training task (a dataclass with a `batches` BatchSource), its batches prefetched when enabled."""
+def with_prefetch(task, enabled: bool | None, device: torch.device):
+    """The training task (a dataclass with a `batches` BatchSource), its batches prefetched when
+    enabled (None: on a CUDA device only)."""
+    if enabled is None:
+        enabled = device.type == "cuda"
     return dataclasses.replace(task, batches=PrefetchedBatches(task.batches, device)) if enabled else task

@@ -29,6 +29,7 @@ from mvlm_engine import cli  # noqa: E402
 from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting, upper_limit_problems  # noqa: E402
 from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
+from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
 from mvlm_engine.packaging import GENERATION_DEFAULTS  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
@@ -82,30 +83,48 @@ def setup(argv=None) -> GPT2RunConfig:
     return cfg
 
 
-def build_model(shape: GPT2Shape, vocab_size: int, block_size: int, eos: int):
-    """A GPT-2 of this shape, randomly initialised, with SDPA attention."""
+def build_model(shape: GPT2Shape, vocab_size: int, block_size: int, eos: int, fused_gelu: bool = True):
+    """A GPT-2 of this shape, randomly initialised, with SDPA attention. GPT-2's GELU is the
+    tanh approximation either way: fused_gelu runs it as one kernel ("gelu_pytorch_tanh",
+    which keeps only its input for the backward pass), else as gelu_new's chain of
+    element-wise ops (which keeps four (B, T, 4 d) tensors per layer)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=shape.n_embd, n_layer=shape.n_layer,
                         n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos,
-                        eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+                        eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
+                        activation_function="gelu_pytorch_tanh" if fused_gelu else "gelu_new")
     return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
 
 
-class CausalLMObjective(torch.nn.Module):
-    """Next-token cross-entropy on a causal LM whose forward returns `.logits`."""
+def build_objective(cfg: GPT2RunConfig, vocab_size: int, eos: int) -> "CausalLMObjective":
+    """The training module of a run: its GPT-2 (seeded) under the next-token loss."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, vocab_size, cfg.block_size, eos, cfg.fused_layers)
+    return CausalLMObjective(model, cfg.chunked_loss)
 
-    def __init__(self, model: torch.nn.Module):
+
+class CausalLMObjective(torch.nn.Module):
+    """Next-token cross-entropy on an HF GPT-2. chunked_loss: the body's hidden states go through
+    the chunked cross-entropy over lm_head.weight (mvlm_engine.losses), so the (B, T, V) logits
+    are never held; otherwise the HF model's full logits and F.cross_entropy."""
+
+    def __init__(self, model: torch.nn.Module, chunked_loss: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.chunked_loss = model, chunked_loss
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def forward(self, batch: dict):
+        labels = batch["labels"].flatten()
+        if self.chunked_loss:
+            hidden = self.model.transformer(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+            log_partition, target_logit = linear_log_partition(hidden.flatten(0, 1), self.model.lm_head.weight,
+                                                               labels)
+            return cross_entropy_from_log_partition(log_partition, target_logit), {}
         logits = self.logits(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
-        return loss, {}
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels), {}
 
 
 def non_embedding_params(model) -> int:
@@ -126,8 +145,8 @@ def export(model, tokenizer_path: Path, block_size: int, out: Path) -> None:
 
 def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
     data = prepare_token_data(cfg, runtime)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.tokenizer.get_vocab_size(), cfg.block_size, eos_id(data.tokenizer))
+    objective = build_objective(cfg, data.tokenizer.get_vocab_size(), eos_id(data.tokenizer))
+    model = objective.model
     sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                            runtime.rank, runtime.world_size)
     shape, non_embedding = cfg.model, non_embedding_params(model)
@@ -139,7 +158,7 @@ def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
                  f"{model.config.vocab_size}, {runtime.world_size} x {runtime.device}, {runtime.precision}, "
                  f"compile {runtime.compile}, SDPA backend {attention}; train tokens "
                  f"{data.shards.meta['tokens']['train']:,}")
-    task = TrainingTask(name="MVLM-GPT2", objective=CausalLMObjective(model), logits=lambda m, x: m.logits(x),
+    task = TrainingTask(name="MVLM-GPT2", objective=objective, logits=lambda m, x: m.logits(x),
                         batches=LMBatches(sampler), flops_per_token=flops,
                         export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out), config=cfg,
                         non_embedding_params=non_embedding,

@@ -69,7 +69,7 @@ def switch_offs(cfg) -> dict[str, list[str]]:
     if cfg.schedule == "wsd":
         rows["- WSD schedule (cosine)"] = ["--schedule", "cosine"]
     if not m.tie_embeddings:
-        rows["- untied head (tied)"] = ["--tie_embeddings", "--no_zero_init_head"]
+        rows["- untied head (tied)"] = ["--tie_embeddings"]
     flags = {"zero_init_proj": "- zero-init projections", "qk_norm": "- QK-norm", "value_embeddings":
              "- value embeddings", "value_residual": "- value residual", "x0_mix": "- x0 mixing",
              "unet_skips": "- U-net skips", "policy_gate": "- policy gate"}

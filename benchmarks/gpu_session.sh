@@ -3,6 +3,8 @@
 # no internet, no pythonbible). Carry .carry/ made by benchmarks/pack_corpus.sh. Prints every
 # figure RESULTS.md needs; writes logs under ${OUT:-/tmp/gpu_out}.
 #   bash benchmarks/gpu_session.sh [throughput|pipeline|ablation|all]
+# throughput: benchmarks/run.py (tokens/s and MFU of both models, memory, comparisons);
+# pipeline: the whole pipeline's wall time; ablation: the SIM-ONE ablation at the small preset.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
@@ -14,8 +16,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 mvlm_training_dataset_complete/prepare.py --from_verses .carry/verses.jsonl.xz
 what=${1:-all}
 if [ "$what" = throughput ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_train_throughput.py --trainer gpt2 --preset small --max_steps 60 | tee "$out/gpt2_small.txt"
-  python3 benchmarks/bench_train_throughput.py --trainer simone --preset small --max_steps 40 | tee "$out/simone_small.txt"
+  # benchmarks/run.py on the GPU: tokens/s, MFU and the attention kernel of both models at the
+  # small preset (bf16, fused AdamW, torch.compile), one micro-step's max allocated memory on the
+  # old and the fast path, and the SIM-ONE vs HF Llama / decode comparisons. The last line is JSON.
+  python3 benchmarks/run.py --sections memory train compare --presets small --memory_presets small \
+    --output_dir "$out/bench" --json | tee "$out/bench.txt"
 fi
 if [ "$what" = pipeline ] || [ "$what" = all ]; then
   /usr/bin/time -v python3 train_all_models.py --preset small --trainer_args "--max_steps 300" \

@@ -90,6 +90,14 @@ class TrainConfig:
         "auto", "auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU")
     compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA; TORCH_COMPILE=0/1 overrides)")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
+    chunked_loss: bool = setting(True, "cross-entropy through the unembedding a chunk of rows at a time, so the "
+                                       "full tokens x vocabulary logits are never held (off: full logits, as before)")
+    fused_layers: bool = setting(True, "activations through fused kernels and autograd functions that keep fewer "
+                                       "tensors for the backward pass, same forward values (off: plain ops, as before)")
+    prefetch_batches: bool | None = setting(
+        None, "prepare the next micro-batch in a background thread while the current step runs, with pinned, "
+              "non-blocking copies (default: on for CUDA; off on a CPU, where the thread hand-off measured costlier "
+              "than the cheap draw it hides)")
     log_interval: int = setting(10, "steps between logged training records")
     eval_interval: int = setting(250, "steps between held-out evaluations")
     eval_windows: int = setting(200, "held-out windows per evaluation (spread evenly over the split)")

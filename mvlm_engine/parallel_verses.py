@@ -43,16 +43,65 @@ class ParallelVerses:
     def __len__(self) -> int:
         return len(self.references)
 
-    def sample(self, rng: np.random.Generator, count: int) -> tuple[list[str], list[str]]:
-        """`count` distinct verses, each in two different random translations."""
+    def sample_keys(self, rng: np.random.Generator, count: int) -> tuple[list[tuple], list[tuple]]:
+        """`count` distinct verses, each in two different random translations, as
+        (verse index, translation) keys: the first translation's, then the second's."""
         picks = rng.choice(len(self.references), size=min(count, len(self.references)), replace=False)
         first, second = [], []
         for index in picks:
-            texts = self.texts[index]
-            a, b = rng.choice(sorted(texts), size=2, replace=False)
-            first.append(texts[a])
-            second.append(texts[b])
+            a, b = rng.choice(sorted(self.texts[index]), size=2, replace=False)
+            first.append((int(index), str(a)))
+            second.append((int(index), str(b)))
         return first, second
+
+    def text(self, key: tuple) -> str:
+        index, translation = key
+        return self.texts[index][translation]
+
+    def sample(self, rng: np.random.Generator, count: int) -> tuple[list[str], list[str]]:
+        """`count` distinct verses, each in two different random translations."""
+        first, second = self.sample_keys(rng, count)
+        return [self.text(k) for k in first], [self.text(k) for k in second]
+
+
+class EncodedPairs:
+    """The pairs of micro-batch i as padded (2P, max_tokens) ids and mask, the same as
+    `encode_padded` of `sample(default_rng([seed, i, rank]), P)` (a pure function of seed, i
+    and rank), without a tokenizer call per micro-step: every verse text is tokenized at most
+    once per run (kept, truncated, in a dict) and the new texts of `block` consecutive
+    micro-batches are tokenized in one call."""
+
+    def __init__(self, verses: ParallelVerses, tokenizer, count: int, max_tokens: int, pad_id: int, seed: int,
+                 rank: int, block: int = 64):
+        self.verses, self.tokenizer, self.count, self.max_tokens = verses, tokenizer, count, max_tokens
+        self.pad_id, self.seed, self.rank, self.block = pad_id, seed, rank, block
+        self.encoded: dict[tuple, np.ndarray] = {}
+        self.block_start, self.block_keys = -1, []
+
+    def keys(self, index: int) -> list[tuple]:
+        first, second = self.verses.sample_keys(np.random.default_rng([self.seed, index, self.rank]), self.count)
+        return first + second
+
+    def _encode_block(self, start: int) -> None:
+        self.block_keys = [self.keys(i) for i in range(start, start + self.block)]
+        missing = sorted({key for keys in self.block_keys for key in keys if key not in self.encoded})
+        encodings = self.tokenizer.encode_batch([self.verses.text(k) for k in missing], add_special_tokens=False)
+        for key, encoding in zip(missing, encodings):
+            self.encoded[key] = np.asarray(encoding.ids[:self.max_tokens], dtype=np.int64)
+        self.block_start = start
+
+    def pairs(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = index - index % self.block
+        if start != self.block_start:
+            self._encode_block(start)
+        keys = self.block_keys[index - start]
+        ids = np.full((len(keys), self.max_tokens), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(keys), self.max_tokens), dtype=np.int64)
+        for row, key in enumerate(keys):
+            tokens = self.encoded[key]
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def encode_padded(tokenizer, texts: list[str], max_tokens: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from .logs import get_logger
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
 from .optim import build_optimizer, lr_factor, optimizers_of, set_learning_rates
 from .packaging import MODEL_MANIFEST, write_model_manifest
+from .prefetch import with_prefetch
 from .runtime import Runtime
 from .shards import TokenData
 from .stopping import STOP
@@ -148,6 +149,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
 
 def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData) -> Run:
     """Build the optimizer and bookkeeping; resume from a checkpoint or start fresh; wrap the model."""
+    task = with_prefetch(task, cfg.prefetch_batches, runtime.device)
     objective = task.objective.to(runtime.device)
     run = Run(cfg, task, runtime, data, optimizer=build_optimizer(objective, cfg, runtime.device),
               scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),

@@ -314,7 +314,6 @@ SIMONE_ONLY = [
     ("softcap_negative", lambda ws: ["--logit_softcap", "-1"], "logit_softcap must be >= 0"),
     ("softcap_huge", lambda ws: ["--logit_softcap", "1e30"], "--logit_softcap must be <="),
     ("mlp_unknown", lambda ws: ["--mlp", "gelu"], "mlp must be one of"),
-    ("zero_head_tied", lambda ws: ["--tie_embeddings", "--zero_init_head"], "zero_init_head needs tie_embeddings=False"),
 ] + [(f"resume_{name}", lambda ws, name=name: resume(ws.simone_damaged[name], 80, 40), needle)
      for name, needle in [("state_no_rng", "'rng' is missing"), ("optimizer_garbage", "corrupt")]] + [
     ("resume_other_optimizer", lambda ws: [*resume(ws.simone_damaged["intact"], 80, 40), "--optimizer", "adamw"],

@@ -554,7 +554,6 @@ RECIPE_SWITCHES = {
 @pytest.mark.parametrize("overrides, needle", [
     (dict(mlp="gelu"), "mlp must be one of"),
     (dict(logit_softcap=-1.0), "logit_softcap"),
-    (dict(zero_init_head=True), "zero_init_head needs tie_embeddings=False"),
     (dict(value_residual=True, value_embeddings=True), "value_residual and value_embeddings"),
     (dict(qk_norm=1), "qk_norm"),
 ])

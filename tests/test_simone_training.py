@@ -73,8 +73,10 @@ def test_its_own_train_config_reproduces_the_resolved_settings(trained_simone, t
 
 def test_resume_is_exact_with_every_mechanism_on(small_corpus, tmp_path):
     """The default recipe (Muon and its AdamW groups, the schedule) plus every loss resumes bit for bit."""
+    # --prefetch_batches: the CUDA default, switched on here so that a checkpoint taken while the
+    # next batch is already drawn is exercised too (the GPT-2 resume test runs without it).
     common = ["--max_steps", 16, "--save_interval", 8, "--eval_interval", 8, "--log_interval", 4,
-              "--keep_checkpoints", 5]
+              "--keep_checkpoints", 5, "--prefetch_batches"]
     full = run_script(*tiny_args(small_corpus, tmp_path / "full", *common))
     assert full.returncode == 0, full.stderr[-3000:]
     resumed_dir = tmp_path / "resumed" / "checkpoints"

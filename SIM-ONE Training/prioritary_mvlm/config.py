@@ -73,6 +73,8 @@ class PrioritaryConfig(TrainConfig):
     alignment_pairs: int = setting(16, "parallel verse pairs per micro-step")
     alignment_max_tokens: int = setting(64, "verse length cap in tokens (fixed, so shapes stay static)")
     alignment_temperature: float = setting(0.1, "InfoNCE temperature")
+    alignment_pair_cache: bool = setting(True, "tokenize each parallel verse at most once per run, the new ones "
+                                               "of 64 micro-batches in one call (off: every micro-step's pairs)")
     quality_seeds: list[str] = setting(help="words the tokenizer must keep as single tokens",
                                        factory=lambda: list(DEFAULT_QUALITY_SEEDS))
 

@@ -16,7 +16,7 @@ from mvlm_engine.data import BlockSampler, LMBatches
 from mvlm_engine.logs import get_logger
 from mvlm_engine.metrics import transformer_flops_per_token
 from mvlm_engine.packaging import GENERATION_DEFAULTS
-from mvlm_engine.parallel_verses import ParallelVerses, encode_padded
+from mvlm_engine.parallel_verses import EncodedPairs, ParallelVerses, encode_padded
 from mvlm_engine.runtime import Runtime, sdpa_backend_name
 from mvlm_engine.shards import prepare_token_data
 from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer
@@ -37,21 +37,27 @@ class PairedBatches:
     """Language-modelling batches plus, when alignment is on, parallel-verse pairs.
 
     Pairs for micro-batch i come from a generator seeded with (seed, i, rank), so the saved
-    position (the sampler's and i) restores them exactly.
+    position (the sampler's and i) restores them exactly. With --alignment_pair_cache they are
+    read from EncodedPairs (each verse tokenized once per run), else tokenized every micro-step.
     """
 
     def __init__(self, lm: LMBatches, verses: ParallelVerses | None, tokenizer, cfg: PrioritaryConfig, rank: int):
         self.lm, self.verses, self.tokenizer, self.cfg, self.rank = lm, verses, tokenizer, cfg, rank
         self.pad_id = eos_id(tokenizer)
         self.index = 0
+        self.encoded = EncodedPairs(verses, tokenizer, cfg.alignment_pairs, cfg.alignment_max_tokens, self.pad_id,
+                                    cfg.seed, rank) if verses is not None and cfg.alignment_pair_cache else None
 
     def next_batch(self) -> dict:
         batch = self.lm.next_batch()
-        if self.verses is not None:
+        if self.encoded is not None:
+            ids, mask = self.encoded.pairs(self.index)
+            batch.update(pair_ids=ids, pair_mask=mask)  # (2P, L) each
+        elif self.verses is not None:
             rng = np.random.default_rng([self.cfg.seed, self.index, self.rank])
             first, second = self.verses.sample(rng, self.cfg.alignment_pairs)
             ids, mask = encode_padded(self.tokenizer, first + second, self.cfg.alignment_max_tokens, self.pad_id)
-            batch.update(pair_ids=ids, pair_mask=mask)  # (2P, L) each
+            batch.update(pair_ids=ids, pair_mask=mask)
         self.index += 1
         return batch
 
@@ -79,15 +85,23 @@ class EnhancedPrioritaryTrainer:
         return {"coherence": self.cfg.coherence_weight, "alignment": self.cfg.alignment_weight,
                 "stability": self.cfg.z_loss_weight}
 
+    def build_objective(self, vocab_size: int) -> CompositeObjective:
+        """The training module of a run: its SIM-ONE (seeded) under the composite loss."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = SimOneModel(cfg.model_config(vocab_size))
+        model.use_fused_layers(cfg.fused_layers)
+        return CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature,
+                                  cfg.chunked_loss)
+
     def build_task(self) -> tuple[TrainingTask, object]:
         cfg, runtime = self.cfg, self.runtime
         data = prepare_token_data(cfg, runtime, tokenizer_factory=lambda corpus, cache: build_simone_tokenizer(
             corpus, cfg.vocab_size, cfg.quality_seeds, cache))
         # Alignment pairs come from verses.jsonl: check it before building the model.
         verses = ParallelVerses(cfg.data_dir, "train") if cfg.alignment_weight > 0 else None
-        torch.manual_seed(cfg.seed)
-        model = SimOneModel(cfg.model_config(data.tokenizer.get_vocab_size()))
-        objective = CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature)
+        objective = self.build_objective(data.tokenizer.get_vocab_size())
+        model = objective.model
         sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                                runtime.rank, runtime.world_size)
         batches = PairedBatches(LMBatches(sampler), verses, data.tokenizer, cfg, runtime.rank)

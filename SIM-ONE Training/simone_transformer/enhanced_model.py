@@ -68,7 +68,8 @@ class SimOneConfig:
     # `llama_incompatible_features` names the ones a Llama checkpoint cannot express.
     qk_norm: bool = _setting(False, "RMSNorm with a learned gain on each head's q and k, before RoPE")
     zero_init_proj: bool = _setting(False, "o_proj and down_proj start at 0: every block starts as the identity")
-    zero_init_head: bool = _setting(True, "the untied lm_head starts at 0 (uniform first predictions)")
+    zero_init_head: bool = _setting(True, "an untied lm_head starts at 0 (uniform first predictions); "
+                                                 "no effect with tie_embeddings")
     logit_softcap: float = _setting(0.0, "> 0: logits = cap * tanh(logits / cap); 0 = off")
     value_residual: bool = _setting(False, "layers after the first mix layer 0's values into theirs")
     value_embeddings: bool = _setting(False, "each layer mixes a learned per-token vector into its values")
@@ -107,8 +108,6 @@ class SimOneConfig:
             raise ValueError(f"mlp must be one of {MLP_TYPES}, got {self.mlp!r}")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
-        if self.zero_init_head and self.tie_embeddings:
-            raise ValueError("zero_init_head needs tie_embeddings=False (a zero tied head is a zero embedding)")
         if self.value_residual and self.value_embeddings:
             raise ValueError("value_residual and value_embeddings are alternatives: switch on one of them")
 
@@ -200,7 +199,7 @@ class SimOneOutput:
     trace:         dict of tensors (see SimOneModel.forward), or None
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor
     cache: object | None = None
     trace: dict | None = None
@@ -269,6 +268,14 @@ class SimOneModel(nn.Module):
             if module.skip_weights is not None:
                 nn.init.ones_(module.skip_weights)
 
+    def use_fused_layers(self, enabled: bool) -> None:
+        """Norms, RoPE and the SwiGLU gate through the autograd functions of modern_layers
+        (the default: fewer activations kept for the backward pass), or as plain ops (the
+        baseline a memory comparison measures). Forward values are the same either way."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = enabled
+
     # ------------------------------------------------------------------ accounting
 
     def count_parameters(self, non_embedding: bool = True) -> int:
@@ -295,6 +302,7 @@ class SimOneModel(nn.Module):
         cache=None,
         trace: bool = False,
         trace_top_k: int | None = None,
+        return_logits: bool = True,
     ) -> SimOneOutput:
         """input_ids (B, T) -> SimOneOutput with logits (B, T, V) for the real tokens.
 
@@ -314,6 +322,7 @@ class SimOneModel(nn.Module):
             "lens_top_probs" (L, B, T, k)  each layer's residual stream, top-k softmax
             Padded positions record a gate and a memory mass of 0.
         Tracing only reads activations; the logits are identical with it on or off.
+        return_logits=False: logits is None (a loss that unembeds in chunks needs only hidden_states).
         """
         B, T = input_ids.shape
         n_mem = self.config.memory_tokens
@@ -340,7 +349,7 @@ class SimOneModel(nn.Module):
         x = self._run_layers(x, input_ids, cos, sin, (cache, cached, mask), prepend, records, lens, trace_top_k)
 
         hidden = self.norm(x[:, prepend:])  # (B, T, D): real tokens only
-        logits = self.logits(hidden)
+        logits = self.logits(hidden) if return_logits else None
         trace_out = None
         if trace:
             trace_out = self._collect_trace(records, lens, prepend, None if real is None else real[:, -T:])

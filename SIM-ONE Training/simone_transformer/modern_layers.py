@@ -5,6 +5,14 @@ names, same rotate-half RoPE convention, same fp32 norm statistics), so that wit
 the governance mechanisms off a SIM-ONE checkpoint *is* a Llama checkpoint and the
 export needs no weight permutation.
 
+Fused layers (`fused`, on by default; `SimOneModel.use_fused_layers` switches them all):
+RMSNorm and SwiGLU after its gate and up projections run through small autograd functions
+that compute the same forward values but keep fewer tensors for the backward pass. Per token
+and layer, plain ops keep each norm's input, its normalised copy and the inverse RMS, and for
+the MLP gate, silu(gate), up and silu(gate) * up (the input of down_proj); the functions keep
+the norm's input and inverse RMS, and gate and up, recomputing the rest in the backward pass
+(element-wise work; no matmul is repeated).
+
 This file imports only torch: the modelling files are copied next to a saved model
 and loaded by `trust_remote_code`, so they may not import anything from this repo.
 """
@@ -26,12 +34,34 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm's arithmetic; saves the input and the (..., 1) fp32 inverse RMS only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        inv_rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * (x.float() * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.float() * inv_rms
+        grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        g = (grad * weight).to(x.dtype).float()  # the gradient reaching the normalised values
+        grad_x = inv_rms * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -89,7 +119,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Under bf16 autocast the projections come out in bf16 while the tables are fp32;
     rotating in fp32 and casting back keeps q, k and v in one dtype for attention.
-    In fp32 the casts are no-ops.
+    In fp32 the casts are no-ops. (Autograd keeps only the tables here: x times a constant.)
     """
     dtype = x.dtype
     x = x.float()
@@ -106,9 +136,42 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
         self.down_proj.is_residual_projection = True  # init scaled by 1/sqrt(2 * n_layers)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return _GatedDownFunction.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer runs in here: autocast's when it is on, else t's."""
+    device_type = t.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else t.dtype
+
+
+class _GatedDownFunction(torch.autograd.Function):
+    """down_proj(silu(gate) * up) keeping gate and up only: the backward recomputes
+    silu(gate) * up (element-wise) for down_proj's weight gradient. Element-wise work runs in
+    gate's dtype, as autograd's own silu and mul backward would."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = _matmul_dtype(gate)  # the backward runs outside autocast: it casts by itself
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight)  # under autocast, as down_proj would run
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        silu = F.silu(gate)
+        hidden = (silu * up).to(ctx.dtype)
+        grad = grad.to(ctx.dtype)
+        grad_weight = (grad.flatten(0, -2).T @ hidden.flatten(0, -2)).to(weight.dtype)
+        grad_hidden = (grad @ weight.to(ctx.dtype)).to(gate.dtype)
+        grad_up = grad_hidden * silu
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # times silu'(gate), one kernel
+        return grad_gate, grad_up.to(up.dtype), grad_weight
 
 
 class ReluSquaredMLP(nn.Module):

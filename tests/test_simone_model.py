@@ -63,6 +63,16 @@ def greedy(model: SimOneModel, prompt: torch.Tensor, n: int, **kwargs) -> torch.
     return wrapper.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
                             **kwargs)
 
+def assert_same_as_clean_load(model, result: dict) -> None:
+    """The logits and 6 greedy tokens a clean interpreter got from the saved folder are the model's own."""
+    ids = torch.tensor([result["ids"]])
+    with torch.no_grad():
+        expected = model(ids).logits[0]
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=1e-5)
+    native = greedy(model, ids, 6)
+    assert result["greedy_ids"] == native[0, ids.shape[1]:].tolist()
+
+
 
 def load_export_module():
     spec = importlib.util.spec_from_file_location("export_llama", EXPORT_SCRIPT)
@@ -496,12 +506,7 @@ def test_trust_remote_code_load_and_padded_pipeline_batch_in_clean_process(tmp_p
     assert texts["prompt_tokens"][0] > texts["prompt_tokens"][1]  # so the batch is padded
     assert texts["batched"] == texts["single"]
     assert all(text.startswith(prompt) and len(text) > len(prompt) for prompt, text in zip(batch, texts["single"]))
-    ids = torch.tensor([result["ids"]])
-    with torch.no_grad():
-        expected = model(ids).logits[0]
-    torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=1e-5)
-    native = greedy(model, ids, 6)
-    assert result["greedy_ids"] == native[0, ids.shape[1]:].tolist()
+    assert_same_as_clean_load(model, result)
 
 
 def test_generation_stops_at_eos_and_pads_finished_rows():
@@ -725,9 +730,4 @@ def test_recipe_fields_round_trip_save_and_trust_remote_code(tmp_path, fields_on
 
     result = load_in_clean_interpreter(model_dir, "In the beginning God created", trust_remote_code=True,
                                        new_tokens=6)
-    ids = torch.tensor([result["ids"]])
-    with torch.no_grad():
-        expected = model(ids).logits[0]
-    torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=1e-5)
-    native = greedy(model, ids, 6)
-    assert result["greedy_ids"] == native[0, ids.shape[1]:].tolist()
+    assert_same_as_clean_load(model, result)

@@ -137,3 +137,13 @@ def read_only_corpus(small_corpus, tmp_path_factory):
     yield folder
     if mounted:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def import_script(path: Path, name: str):
+    """A script (not a package module) imported as module `name`; registered in sys.modules
+    first, because dataclasses look their module up there."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

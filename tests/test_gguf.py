@@ -482,7 +482,8 @@ class Pair:
         prompt = torch.tensor([ids])
         with torch.no_grad():
             out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      do_sample=False, eos_token_id=None, pad_token_id=self.tokenizer.eos_token_id)
+                                      do_sample=False, repetition_penalty=1.0, eos_token_id=None,
+                                      pad_token_id=self.tokenizer.eos_token_id)  # plain greedy, as llama.cpp's
         return out[0, len(ids):].tolist()
 
     def cpp_greedy(self, ids, n):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, import_script
 from mvlm_engine.parallel_verses import mean_pool
 from prioritary_mvlm.advanced_losses import (CompositeObjective, alignment_loss, combine_losses, multi_token_loss,
                                              next_token_loss, z_loss)
@@ -122,14 +122,10 @@ def test_zero_weight_builds_nothing():
 def test_each_ablation_row_switches_off_exactly_its_piece():
     """Every row of ablation.py parses as enhanced_train.py flags and changes the default recipe."""
     import dataclasses
-    import importlib.util
-    import sys
 
     from mvlm_engine.cli import parse_run_config, resolve_settings
     from prioritary_mvlm.config import PrioritaryConfig
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "SIM-ONE Training" / "ablation.py")
-    ablation = sys.modules["ablation"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = import_script(REPO / "SIM-ONE Training" / "ablation.py", "ablation")
 
     default = resolve_settings(PrioritaryConfig, {"preset": "tiny"}, {})
     rows = ablation.switch_offs(default)

@@ -217,10 +217,7 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, to
         raise UserError(f"checkpoint {folder} was trained with another tokenizer than this run's; resume with the "
                         "same --data_dir and --vocab_size, or start a new --output_dir")
     try:
-        check_weights_metadata(folder, state_text, state["step"])
-        result = load_model(module, str(folder / "model.safetensors"), strict=True)
-        if result and any(result):
-            raise ValueError(f"mismatched keys: {result}")
+        load_checked_weights(folder, module, state_text, state["step"])
         # map_location cpu: every rank reads rank 0's file; load_state_dict moves the optimizer
         # state to each parameter's own device.
         saved_optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -237,6 +234,28 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, to
                         "resume from another checkpoint") from None
     if non_finite_values(module):
         raise UserError(f"checkpoint {folder} holds NaN or infinite weights; resume from an earlier checkpoint")
+    return state
+
+
+def load_checked_weights(folder: Path, module: torch.nn.Module, state_text: str, step: int) -> None:
+    check_weights_metadata(folder, state_text, step)
+    result = load_model(module, str(folder / "model.safetensors"), strict=True)
+    if result and any(result):
+        raise ValueError(f"mismatched keys: {result}")
+
+
+def load_weights(folder: Path, module: torch.nn.Module) -> dict:
+    """Only the weights of a checkpoint (checked as load_checkpoint checks them); its trainer state."""
+    state_text, state = read_trainer_state(folder)
+    try:
+        load_checked_weights(folder, module, state_text, state["step"])
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001  (safetensors raises many types on corrupt files)
+        first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"checkpoint {folder} is corrupt or does not match this model ({first_line})") from None
+    if non_finite_values(module):
+        raise UserError(f"checkpoint {folder} holds NaN or infinite weights")
     return state
 
 

@@ -103,6 +103,11 @@ class TrainConfig:
     eval_windows: int = setting(200, "held-out windows per evaluation (spread evenly over the split)")
     save_interval: int = setting(500, "steps between checkpoints")
     keep_checkpoints: int = setting(3, "step checkpoints kept (plus best_model)")
+    export_weights: Literal["best", "last"] = setting(
+        "best", "the weights the final model carries: those of the lowest held-out loss seen (checkpoints/best_model) "
+                "or the last step's")
+    early_stop_patience: int = setting(0, "stop after this many held-out evaluations in a row without a new best "
+                                          "(0: never)")
     max_bad_steps: int = setting(5, "consecutive non-finite steps before the run stops")
     resume_from: str | None = setting(None, "continue a run: 'latest', 'best_model' or a checkpoint folder",
                                       per_invocation=True)
@@ -116,7 +121,8 @@ class TrainConfig:
                    "save_interval", "eval_windows", "keep_checkpoints", "vocab_size", "max_bad_steps")
                   if getattr(self, name) <= 0]
         errors += [f"--{name} must be >= 0 (got {getattr(self, name)})" for name in
-                   ("max_steps", "warmup_steps", "weight_decay", "grad_clip") if getattr(self, name) < 0]
+                   ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "early_stop_patience")
+                   if getattr(self, name) < 0]
         if self.num_epochs <= 0:  # checked even when --max_steps makes it unused
             errors.append(f"--num_epochs must be > 0 (got {self.num_epochs})")
         errors += [f"--{name} must be > 0 (got {getattr(self, name)})"
@@ -147,7 +153,7 @@ TRAIN_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 16, "batch_size": 1 <<
                 "learning_rate": 1.0, "head_lr": 1.0, "scalar_lr": 1.0, "muon_lr": 10.0, "muon_weight_decay": 1.0,
                 "warmup_steps": 10 ** 9, "weight_decay": 1.0, "grad_clip": 1e6,
                 "log_interval": 10 ** 9, "eval_interval": 10 ** 9, "eval_windows": 10 ** 6, "save_interval": 10 ** 9,
-                "keep_checkpoints": 10 ** 4, "max_bad_steps": 10 ** 6}
+                "keep_checkpoints": 10 ** 4, "max_bad_steps": 10 ** 6, "early_stop_patience": 10 ** 6}
 
 
 def upper_limit_problems(owner, limits: dict[str, float]) -> list[str]:

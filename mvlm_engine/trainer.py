@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (BEST, last_good_checkpoint, load_checkpoint, prune_checkpoints, recover_interrupted_swaps,
+from .checkpoint import (BEST, last_good_checkpoint, load_checkpoint, load_weights, prune_checkpoints, recover_interrupted_swaps,
                          refuse_non_finite, resolve_resume, save_checkpoint, set_aside_later_checkpoints, state_bytes)
 from .config import TrainConfig, config_dict, save_config_json
 from .data import BatchSource, to_device
@@ -107,8 +107,10 @@ class Run:
     board: TensorBoard | None = None
     progress: tqdm | None = None
     # eval_pending: a stop cut the evaluation of this step short; it runs first on resume.
+    # best_*: the evaluation with the lowest held-out loss; early_stopped: --early_stop_patience ended the run.
     state: dict = field(default_factory=lambda: {"step": 0, "best_val_loss": float("inf"), "bad_steps": 0,
-                                                 "eval_pending": False})
+                                                 "eval_pending": False, "best_step": 0, "best_val_bpb": float("inf"),
+                                                 "evals_since_best": 0, "early_stopped": False})
     window: LogWindow = field(default_factory=LogWindow)
     last_eval: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -140,7 +142,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
         run = start_or_restore(cfg, task, runtime, data)
         if run.state["eval_pending"]:
             finish_pending_eval(run)
-        while run.state["step"] < run.total_steps:
+        while run.state["step"] < run.total_steps and not run.state["early_stopped"]:
             result = optimizer_step(run, stop)
             log_window(run, result)
             evaluate_and_checkpoint(run, result, stop)
@@ -331,11 +333,12 @@ def evaluate_and_checkpoint(run: Run, result: StepResult, stop: StopSignal) -> N
     """Evaluate and save on schedule and at the end; after a signal, save and stop. A signal
     during the evaluation cuts it short: the step is saved and its evaluation runs on resume."""
     paused = time.perf_counter()
-    step, last = result.step, result.step == run.total_steps
-    stopping = result.stop_requested
-    if step % run.cfg.eval_interval == 0 or last:
+    step, stopping = result.step, result.stop_requested
+    if step % run.cfg.eval_interval == 0 or step == run.total_steps:
         run.state["eval_pending"] = not evaluate_step(run, step)
         stopping = stopping or run.state["eval_pending"]
+        run.state["early_stopped"] = patience_spent(run)
+    last = step == run.total_steps or run.state["early_stopped"]
     if step % run.cfg.save_interval == 0 or last or stopping:
         checkpoint(run, f"step_{step:06d}")
     run.window.started += time.perf_counter() - paused  # tokens/s counts training time only
@@ -354,6 +357,16 @@ def evaluate_step(run: Run, step: int) -> bool:
         log.info(f"step {step}: evaluation stopped by a signal; it runs again on resume")
         return False
     log.info(f"step {step}: held-out loss {run.last_eval['val_loss']:.4f}, {run.last_eval['val_bpb']:.4f} bits/byte")
+    return True
+
+
+def patience_spent(run: Run) -> bool:
+    """--early_stop_patience evaluations in a row without a new best: the run ends here."""
+    patience = run.cfg.early_stop_patience
+    if not patience or run.state["evals_since_best"] < patience:
+        return False
+    log.info(f"step {run.state['step']}: no new best held-out loss in {patience} evaluations (best "
+             f"{run.state['best_val_loss']:.4f} at step {run.state['best_step']}); stopping early (--early_stop_patience)")
     return True
 
 
@@ -377,8 +390,11 @@ def run_eval(run: Run) -> dict:
         run.history.save()
         run.board.scalars("eval", result, run.state["step"])
     if result["val_loss"] < run.state["best_val_loss"]:
-        run.state["best_val_loss"] = result["val_loss"]
+        run.state.update(best_val_loss=result["val_loss"], best_val_bpb=result["val_bpb"],
+                         best_step=run.state["step"], evals_since_best=0)
         checkpoint(run, BEST)
+    else:
+        run.state["evals_since_best"] += 1
     return result
 
 
@@ -406,7 +422,8 @@ def finish(run: Run) -> dict:
     if not run.last_eval:  # resumed at (or past) the last step, e.g. after a crash during export
         run.last_eval = run_eval(run)
     run.board.close()
-    summary = run_summary(run)
+    exported = choose_export_weights(run) if run.runtime.is_main else run.last_eval
+    summary = run_summary(run, exported)
     if run.runtime.is_main:
         refuse_non_finite(run.task.objective, "the final model", run.ckpt_root)
         if not math.isfinite(summary["final_val_loss"]):
@@ -427,12 +444,29 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def run_summary(run: Run) -> dict:
+def choose_export_weights(run: Run) -> dict:
+    """--export_weights best: load the weights of the lowest held-out loss (checkpoints/best_model)
+    when an earlier step had it, since later steps have overfit. Returns the exported weights'
+    evaluation."""
+    state, best = run.state, run.ckpt_root / BEST
+    if run.cfg.export_weights != "best" or state["best_step"] in (0, state["step"]) or not best.is_dir() \
+            or not state["best_val_loss"] < run.last_eval["val_loss"]:
+        return {**run.last_eval, "step": state["step"]}
+    load_weights(best, run.task.objective)
+    log.info(f"exporting the weights of step {state['best_step']}, the lowest held-out loss seen "
+             f"({state['best_val_loss']:.4f} against {run.last_eval['val_loss']:.4f} at the last step; "
+             "--export_weights last exports the last step's)")
+    return {"val_loss": state["best_val_loss"], "val_bpb": state["best_val_bpb"], "step": state["best_step"]}
+
+
+def run_summary(run: Run, exported: dict) -> dict:
     r = run.runtime
     return {"status": "complete", "model": run.task.name, "description": run.task.description,
-            "non_embedding_params": run.task.non_embedding_params, "steps": run.total_steps,
-            "tokens_per_step": run.tokens_per_step, "tokens_seen": run.total_steps * run.tokens_per_step,
+            "non_embedding_params": run.task.non_embedding_params, "steps": run.state["step"],
+            "tokens_per_step": run.tokens_per_step, "tokens_seen": run.state["step"] * run.tokens_per_step,
             "wall_seconds_this_process": time.perf_counter() - run.started,
-            "final_val_loss": run.last_eval.get("val_loss"), "final_val_bpb": run.last_eval.get("val_bpb"),
+            "final_val_loss": exported.get("val_loss"), "final_val_bpb": exported.get("val_bpb"),
+            "exported_step": exported.get("step"), "last_val_loss": run.last_eval.get("val_loss"),
+            "last_val_bpb": run.last_eval.get("val_bpb"), "early_stopped": run.state["early_stopped"],
             "best_val_loss": run.state["best_val_loss"], "precision": r.precision, "compile": r.compile,
             "world_size": r.world_size, "device": str(r.device), "tokenizer_hash": run.data.tokenizer_hash}

@@ -172,17 +172,73 @@ class BigramObjective(torch.nn.Module):
         return loss, {"loss/accuracy": loss}
 
 
-def run(small_corpus, tmp_path, bad_calls, steps=12):
-    cfg = TrainConfig(data_dir=str(small_corpus), output_dir=str(tmp_path / "out"), vocab_size=512, block_size=32,
-                      batch_size=4, max_steps=steps, learning_rate=1e-2, warmup_steps=2, log_interval=1,
-                      eval_interval=steps, save_interval=steps, eval_windows=4, device="cpu", max_bad_steps=3)
+class WorseningBigram(BigramObjective):
+    """Learns for `descend` micro-steps, then ascends its training loss: the held-out loss rises
+    from there, as it does once a model overfits."""
+
+    def __init__(self, vocab: int, descend: int):
+        super().__init__(vocab, set())
+        self.descend = descend
+
+    def forward(self, batch):
+        loss, parts = super().forward(batch)
+        return (loss if self.calls <= self.descend else -loss), parts
+
+
+def run(small_corpus, tmp_path, bad_calls, steps=12, make_objective=None, exported=None, **settings):
+    cfg = TrainConfig(**{**dict(data_dir=str(small_corpus), output_dir=str(tmp_path / "out"), vocab_size=512,
+                                block_size=32, batch_size=4, max_steps=steps, learning_rate=1e-2, warmup_steps=2,
+                                log_interval=1, eval_interval=steps, save_interval=steps, eval_windows=4, device="cpu",
+                                max_bad_steps=3), **settings})
     runtime = start_runtime("cpu", "fp32", False)
     data = prepare_token_data(cfg, runtime)
-    objective = BigramObjective(data.tokenizer.get_vocab_size(), bad_calls)
+    vocab = data.tokenizer.get_vocab_size()
+    objective = make_objective(vocab) if make_objective else BigramObjective(vocab, bad_calls)
     sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed)
+    export = (lambda out: exported.append(objective.table.weight.detach().clone())) if exported is not None else \
+        (lambda out: None)
     task = TrainingTask("bigram", objective, lambda m, x: m.logits(x), LMBatches(sampler), 1.0,
-                        export=lambda out: None, config=cfg)
+                        export=export, config=cfg)
     return objective, fit(cfg, task, runtime, data), json.loads((tmp_path / "out" / "training_history.json").read_text())
+
+
+def worsening_run(small_corpus, tmp_path, **settings):
+    exported = []
+    objective, summary, history = run(small_corpus, tmp_path, set(), steps=16, exported=exported, eval_interval=2,
+                                      learning_rate=0.5, make_objective=lambda v: WorseningBigram(v, descend=6),
+                                      **settings)
+    evals = {e["step"]: e["val_loss"] for e in history["eval"]}
+    return objective, summary, evals, exported[0]
+
+
+def test_the_exported_model_carries_the_weights_of_the_lowest_held_out_loss(small_corpus, tmp_path, capsys):
+    from safetensors.torch import load_file
+    objective, summary, evals, exported = worsening_run(small_corpus, tmp_path)
+    best_step = min(evals, key=evals.get)
+    assert best_step < 16 and evals[16] > evals[best_step]  # it got worse after learning
+    assert summary["exported_step"] == best_step and summary["final_val_loss"] == pytest.approx(evals[best_step])
+    assert summary["last_val_loss"] == pytest.approx(evals[16]) and summary["steps"] == 16
+    best = load_file(str(tmp_path / "out" / "checkpoints" / "best_model" / "model.safetensors"))
+    last = load_file(str(tmp_path / "out" / "checkpoints" / "step_000016" / "model.safetensors"))
+    assert torch.equal(exported, best["table.weight"]) and not torch.equal(exported, last["table.weight"])
+    assert f"exporting the weights of step {best_step}" in capsys.readouterr().out
+
+
+def test_export_weights_last_keeps_the_last_step(small_corpus, tmp_path):
+    from safetensors.torch import load_file
+    _, summary, evals, exported = worsening_run(small_corpus, tmp_path, export_weights="last")
+    last = load_file(str(tmp_path / "out" / "checkpoints" / "step_000016" / "model.safetensors"))
+    assert torch.equal(exported, last["table.weight"])
+    assert summary["exported_step"] == 16 and summary["final_val_loss"] == pytest.approx(evals[16])
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_best(small_corpus, tmp_path):
+    _, summary, evals, _ = worsening_run(small_corpus, tmp_path, early_stop_patience=2)
+    best_step = min(evals, key=evals.get)
+    assert max(evals) == best_step + 4 < 16  # two evaluations without a new best, then the end
+    assert summary["early_stopped"] and summary["steps"] == best_step + 4
+    assert summary["exported_step"] == best_step
+    assert (tmp_path / "out" / "checkpoints" / f"step_{best_step + 4:06d}").is_dir()  # resumable: it is finished
 
 
 def test_non_finite_steps_are_skipped_and_training_goes_on(small_corpus, tmp_path, capsys):

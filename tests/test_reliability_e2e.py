@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_script
+from mvlm_engine.locks import folder_holder
 
 pytestmark = pytest.mark.e2e
 STEPS = 8
@@ -78,6 +79,7 @@ def test_signals_during_a_long_evaluation_stop_within_seconds_and_resume_exactly
 
     resumed = run_script(*args[1:], "--resume_from", "latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "took over" not in resumed.stdout  # the stopped trainer released its folder on its way out
     assert [r["step"] for r in json.loads((out / "training_history.json").read_text())["eval"]] == [4, 8]
     assert kill9.same_weights(weights, out / "model.safetensors")
 
@@ -118,6 +120,18 @@ def test_repeats_during_the_interpreters_exit_do_not_change_the_exit_status():
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, (sent, stderr[-2000:])
     assert stderr.strip() == "slow_exit: stopped by SIGTERM while testing; the test's checkpoint was saved"
+
+
+def test_a_finished_trainer_releases_its_folder_and_the_next_stage_takes_over_nothing(small_corpus, tmp_path):
+    out = tmp_path / "models" / "run"
+    trained = run_script(*kill9.command("gpt2", small_corpus, out, steps=2)[1:])
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (out / ".lock").read_text() == "" and folder_holder(out) is None  # released, not left to the kernel
+    validated = run_script(REPO / "validate_models.py", "--models_dir", out.parent, "--data_dir", small_corpus,
+                           "--names", out.name, "--no_archives")
+    assert (out.parent / "validation_report.md").is_file(), validated.stderr[-2000:]  # the next stage ran
+    assert "took over" not in validated.stdout + validated.stderr
+    assert (out / ".lock").read_text() == ""  # and released the folder in turn
 
 
 def test_a_second_trainer_and_validation_are_refused_while_a_training_runs(small_corpus, tmp_path):

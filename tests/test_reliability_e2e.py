@@ -27,16 +27,17 @@ spec.loader.exec_module(kill9)
 def reference(small_corpus, tmp_path_factory):
     """An uninterrupted run: the weights every interrupted and resumed run must end with."""
     work = tmp_path_factory.mktemp("kill9")
-    span = kill9.reference_run("gpt2", small_corpus, work / "reference", STEPS)
-    return work, work / "reference" / "model.safetensors", span
+    kill9.reference_run("gpt2", small_corpus, work / "reference", STEPS)
+    return work, work / "reference" / "model.safetensors"
 
 
 def test_kill9_inside_a_checkpoint_write_and_at_a_random_moment_then_resume_is_bit_identical(small_corpus, reference):
-    work, weights, span = reference
-    results = [kill9.trial("gpt2", small_corpus, work, seed, inside, span, weights, steps=STEPS)
+    work, weights = reference
+    results = [kill9.trial("gpt2", small_corpus, work, seed, inside, weights, steps=STEPS)
                for seed, inside in ((0, True), (1, False))]
-    assert all(r["identical"] for r in results), results
+    assert all(r["identical"] and r["was_killed"] for r in results), results
     assert results[0]["landed_in_write"], results  # aimed at a write, killed inside it
+    assert all(r["took_over"] for r in results), results  # the dead trainer's lock, taken over and logged
 
 
 def wait_for_step(proc, history, step, timeout=300):
@@ -58,7 +59,7 @@ def stderr_lines(stderr: str) -> list[str]:
 
 
 def test_signals_during_a_long_evaluation_stop_within_seconds_and_resume_exactly(small_corpus, reference, tmp_path):
-    _, weights, _ = reference
+    _, weights = reference
     out = tmp_path / "run"
     # 300 held-out windows at steps 4 and 8: an evaluation of ~40 batches, far longer than a stop may take.
     args = kill9.command("gpt2", small_corpus, out, "--eval_interval", "4", "--eval_windows", "300", steps=STEPS)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, TIMEOUT, assert_one_line_error, run_script
 from mvlm_engine.locks import folder_holder
 
 pytestmark = pytest.mark.e2e
@@ -40,8 +40,8 @@ def test_kill9_inside_a_checkpoint_write_and_at_a_random_moment_then_resume_is_b
     assert all(r["took_over"] for r in results), results  # the dead trainer's lock, taken over and logged
 
 
-def wait_for_step(proc, history, step, timeout=300):
-    deadline = time.time() + timeout
+def wait_for_step(proc, history, step):
+    deadline = time.time() + TIMEOUT
     while proc.poll() is None and time.time() < deadline:
         try:
             if any(r["step"] == step for r in json.loads(history.read_text())["train"]):
@@ -70,7 +70,7 @@ def test_signals_during_a_long_evaluation_stop_within_seconds_and_resume_exactly
         time.sleep(0.05)
         if proc.poll() is None:
             proc.send_signal(repeat)
-    _, stderr = proc.communicate(timeout=600)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
     lines = stderr_lines(stderr)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Traceback" not in stderr and len(lines) == 1 and "stopped by SIGTERM at step 4/8" in lines[0], lines
@@ -118,7 +118,7 @@ def test_repeats_during_the_interpreters_exit_do_not_change_the_exit_status():
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
             sent += 1
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 128 + signal.SIGTERM, (sent, stderr[-2000:])
     assert stderr.strip() == "slow_exit: stopped by SIGTERM while testing; the test's checkpoint was saved"
 
@@ -147,6 +147,6 @@ def test_a_second_trainer_and_validation_are_refused_while_a_training_runs(small
                                          small_corpus, "--names", out.name, "--no_archives"), f"{out} {holder}")
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        proc.wait(timeout=TIMEOUT)
     assert proc.returncode == 128 + signal.SIGTERM
     assert not (out / "run_summary.json").exists() and list((out / "checkpoints").glob("step_*"))

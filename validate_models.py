@@ -147,8 +147,10 @@ class LoadedModel:
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True, sample: bool = False,
                  seed: int = 0, **options):
-        """Greedy, or sampled with the folder's generation_config.json (its sampling defaults)."""
+        """Greedy, or sampled with the folder's generation_config.json (its sampling defaults), within
+        the model's context (GPT-2 has no position past its block size: an IndexError, not a result)."""
         torch.manual_seed(seed)
+        max_new_tokens = max(1, min(max_new_tokens, self.block_size - ids.shape[1]))
         return self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=sample, use_cache=use_cache, pad_token_id=self.eos, **options)
 
@@ -238,8 +240,9 @@ def measure_verse_recall(report: Report, model: LoadedModel, train_verses: Paral
         book, chapter, verse = train_verses.references[index]
         translation = sorted(train_verses.texts[index])[0] if "KJV" not in train_verses.texts[index] else "KJV"
         prompt = f"[{translation}] {book} {chapter}:{verse}"
-        target = model.encode(" " + train_verses.texts[index][translation])[:64]
         ids = torch.tensor([model.encode(prompt)], device=model.device)
+        # at most 64 tokens, and no more than fit the context after the prompt (a small --block_size)
+        target = model.encode(" " + train_verses.texts[index][translation])[:min(64, model.block_size - ids.shape[1])]
         generated = model.generate(ids, len(target))[0, ids.shape[1]:].tolist()
         hits = sum(a == b for a, b in zip(generated, target))
         token_hits, token_total = token_hits + hits, token_total + len(target)

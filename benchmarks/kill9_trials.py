@@ -10,12 +10,15 @@ uninterrupted run with the same settings.
 A kill "inside a checkpoint write" is aimed by watching checkpoints/ for the staging folder
 (.tmp-NAME) of a seeded n-th write and sending SIGKILL the moment it appears; whether it landed
 there is read back from what the kill left (.tmp-/.old- folders). The other trials are killed at
-a seeded time during the run. Prints one line per trial and the total; exit 1 unless every
-trial is bit-identical. tests/test_reliability_e2e.py runs two of these trials in CI.
+a seeded moment of their own progress (a seeded fraction of a logging interval after a seeded
+step), so a loaded machine cannot move the kill past the end of the run. Prints one line per
+trial and the total; exit 1 unless every trial was killed and resumed bit-identical.
+tests/test_reliability_e2e.py runs two of these trials in CI.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -31,8 +34,9 @@ from train_all_models import TRAINERS  # noqa: E402  (the pipeline's one table o
 
 # Small enough for a CPU: STEPS steps of 8 x 64 tokens, a checkpoint every 2 steps (evaluation
 # settings change no weight, so a run with other ones must still end bit-identical).
+LOG_INTERVAL = 2  # the random kills are placed by the logged steps
 SETTINGS = ["--preset", "tiny", "--device", "cpu", "--vocab_size", "1024", "--block_size", "64", "--batch_size", "8",
-            "--save_interval", "2", "--eval_interval", "8", "--eval_windows", "8", "--log_interval", "2",
+            "--save_interval", "2", "--eval_interval", "8", "--eval_windows", "8", "--log_interval", str(LOG_INTERVAL),
             "--keep_checkpoints", "3", "--seed", "5"]
 STEPS = 16
 
@@ -46,13 +50,15 @@ def checkpoint_writes(steps: int) -> int:
     return steps // 2 + 1  # a step checkpoint every 2 steps, and the first best_model at least
 
 
-def resume_to_the_end(trainer: str, data_dir: Path, out: Path, steps: int) -> None:
-    """Resume from the latest checkpoint (or start again when the kill came before the first one)."""
+def resume_to_the_end(trainer: str, data_dir: Path, out: Path, steps: int) -> str:
+    """Resume from the latest checkpoint (or start again when the kill came before the first one);
+    returns the resumed run's log."""
     resume = ["--resume_from", "latest"] if list((out / "checkpoints").glob("step_*")) else []
     proc = subprocess.run(command(trainer, data_dir, out, *resume, steps=steps), cwd=REPO, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the resumed run failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
 
 
 def checkpoint_debris(out: Path) -> list[str]:
@@ -78,18 +84,31 @@ def kill_inside_a_write(proc: subprocess.Popen, out: Path, nth: int) -> str:
     return "after the run ended"
 
 
-def kill_at_a_moment(proc: subprocess.Popen, out: Path, delay: float) -> str:
-    """SIGKILL `delay` seconds after training started (the history file appears)."""
-    while proc.poll() is None and not (out / "training_history.json").exists():
-        time.sleep(0.01)
-    time.sleep(delay)
+def last_logged_step(history: Path) -> int:
+    try:
+        return max((r["step"] for r in json.loads(history.read_text())["train"]), default=0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # not written yet (it is replaced atomically, so never half-written)
+
+
+def kill_at_a_moment(proc: subprocess.Popen, out: Path, step: int, fraction: float) -> str:
+    """SIGKILL `fraction` of a logging interval (as long as the last one took) after the run
+    logged `step`: a moment of the run's own progress, however loaded the machine is."""
+    seen: list[tuple[int, float]] = []
+    while proc.poll() is None and (not seen or seen[-1][0] < step):
+        logged = last_logged_step(out / "training_history.json")
+        if logged and (not seen or seen[-1][0] != logged):
+            seen.append((logged, time.monotonic()))
+        time.sleep(0.005)
+    interval = seen[-1][1] - seen[-2][1] if len(seen) > 1 else 0.5
+    time.sleep(fraction * interval)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
-        return f"{delay:.2f} s into training"
+        return f"{fraction:.2f} of a logging interval after step {seen[-1][0]}"
     return "after the run ended"
 
 
-def trial(trainer: str, data_dir: Path, work: Path, seed: int, inside: bool, span: float, reference: Path,
+def trial(trainer: str, data_dir: Path, work: Path, seed: int, inside: bool, reference: Path,
           steps: int = STEPS) -> dict:
     """One kill -9 (aimed at a checkpoint write, or at a seeded moment) and the resume after it."""
     rng = random.Random(seed)
@@ -97,12 +116,13 @@ def trial(trainer: str, data_dir: Path, work: Path, seed: int, inside: bool, spa
     proc = subprocess.Popen(command(trainer, data_dir, out, steps=steps), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     when = kill_inside_a_write(proc, out, rng.randint(1, checkpoint_writes(steps))) if inside else \
-        kill_at_a_moment(proc, out, rng.uniform(0.0, span))
+        kill_at_a_moment(proc, out, rng.randrange(LOG_INTERVAL, steps, LOG_INTERVAL), rng.random())
     proc.wait()
     debris = checkpoint_debris(out)
-    resume_to_the_end(trainer, data_dir, out, steps)
+    log = resume_to_the_end(trainer, data_dir, out, steps)
     return {"seed": seed, "aimed": "checkpoint write" if inside else "random moment", "killed": when,
-            "landed_in_write": bool(debris), "debris": debris,
+            "was_killed": proc.returncode == -signal.SIGKILL, "landed_in_write": bool(debris), "debris": debris,
+            "took_over": "[lock] took over" in log,
             "identical": same_weights(reference, out / "model.safetensors")}
 
 
@@ -115,22 +135,16 @@ def same_weights(path_a: Path, path_b: Path) -> bool:
 
 def run_trials(trainer: str, data_dir: Path, work: Path, trials: int, seed: int) -> list[dict]:
     """The uninterrupted reference run, then `trials` kill-and-resume trials (even ones aimed at writes)."""
-    span = reference_run(trainer, data_dir, work / "reference", STEPS)
-    return [trial(trainer, data_dir, work, seed + i, i % 2 == 0, span, work / "reference" / "model.safetensors")
+    reference_run(trainer, data_dir, work / "reference", STEPS)
+    return [trial(trainer, data_dir, work, seed + i, i % 2 == 0, work / "reference" / "model.safetensors")
             for i in range(trials)]
 
 
-def reference_run(trainer: str, data_dir: Path, out: Path, steps: int) -> float:
-    """Run uninterrupted; return how long it trained (from its first logged step to the end of its
-    steps, less the final export), the span in which the random kills fall."""
-    proc = subprocess.Popen(command(trainer, data_dir, out, steps=steps), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not (out / "training_history.json").exists():
-        time.sleep(0.01)
-    started = time.monotonic()
-    if proc.wait() != 0:
-        raise RuntimeError(f"the reference run failed (exit {proc.returncode})")
-    return max(0.5, 0.8 * (time.monotonic() - started))
+def reference_run(trainer: str, data_dir: Path, out: Path, steps: int) -> None:
+    """Run uninterrupted: the weights every trial must end with."""
+    proc = subprocess.run(command(trainer, data_dir, out, steps=steps), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the reference run failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
 
 
 def small_corpus(work: Path) -> Path:
@@ -156,8 +170,10 @@ def main() -> None:
               f"{'inside a checkpoint write ' + str(r['debris']) if r['landed_in_write'] else 'between writes'}, "
               f"resumed: {'bit-identical' if r['identical'] else 'DIFFERENT'}")
     identical, inside = sum(r["identical"] for r in results), sum(r["landed_in_write"] for r in results)
-    print(f"{args.trainer}: {identical}/{len(results)} bit-identical; {inside} of them killed inside a checkpoint write")
-    sys.exit(0 if identical == len(results) else 1)
+    killed = sum(r["was_killed"] for r in results)
+    print(f"{args.trainer}: {identical}/{len(results)} bit-identical; {killed} of them killed by SIGKILL, "
+          f"{inside} inside a checkpoint write")
+    sys.exit(0 if identical == killed == len(results) else 1)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def data_dir_problems(cfg: TrainConfig) -> list[str]:
     return [problem + ("" if cfg.cache_dir else "; pass --cache_dir to a writable folder")] if problem else []
 
 
-HELD: dict[Path, FileLock] = {}  # the output dirs this process holds, for its whole life
+HELD: dict[Path, FileLock] = {}  # the output dirs this process holds, until its run_cli ends
 
 
 def claim_output_dir(cfg: TrainConfig, problems: list[str] = ()) -> None:
@@ -201,7 +201,8 @@ def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
     exits 2, a diverged run, a storage error or running out of memory 1, a signal 128 + n;
     never a traceback for these. SIGINT/SIGTERM stop at once unless the work defers them
     (stopping.STOP). After a stop, the handler stays until the process ends, so that an impatient
-    repeat can neither replace the stop's line nor print a traceback on the way out."""
+    repeat can neither replace the stop's line nor print a traceback on the way out. The output
+    dirs claimed by the work are released when it ends, whether by a return, an error or a stop."""
     installed = STOP.install()
     try:
         status = main(argv)
@@ -212,9 +213,16 @@ def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
         close_progress_bars()  # so that a bar's last redraw cannot land on the error line
         print(f"{prog}: {line}", file=sys.stderr)
     finally:
+        release_output_dirs()  # the work is over, however it ended: the next run must not see a dead holder
         if installed and not STOP.stopping:
             STOP.uninstall()
     sys.exit(status or 0)
+
+
+def release_output_dirs() -> None:
+    """Give up the output dirs this process claimed (emptying their lock records)."""
+    while HELD:
+        HELD.popitem()[1].release()
 
 
 def close_progress_bars() -> None:

@@ -5,10 +5,14 @@ A trainer holds `<output_dir>/.lock` for its whole run, a cache build holds
 lock while it reads it. The kernel drops a flock when its process dies, even by kill -9, so a
 lock file left by a dead process is simply taken over (its record says whose it was). The
 record (PID, host, purpose, start time) is what a second process names in its one-line refusal.
+Every exit that runs Python's exit (a normal end, an error, a stop) releases the locks still
+held and empties their records (`release_held_locks`), so a takeover is logged only after a
+crash or a kill -9.
 flock needs a local filesystem or NFSv4; on others, two writers are not prevented.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -25,6 +29,7 @@ from .stopping import STOP
 
 LOCK_NAME = ".lock"
 log = get_logger("lock")
+HELD_LOCKS: set["FileLock"] = set()  # the locks this process holds now, released at its exit
 
 
 class FileLock:
@@ -33,6 +38,7 @@ class FileLock:
     def __init__(self, path: Path, purpose: str):
         self.path, self.purpose = Path(path), purpose
         self.fd: int | None = None
+        self.owner = 0  # the PID that took the lock (a forked child inherits the fd, not the lock's ownership)
         self.previous: dict = {}  # the record found when the lock was taken (a dead holder's)
 
     def try_acquire(self) -> dict | None:
@@ -46,7 +52,8 @@ class FileLock:
             holder = read_record(fd)
             os.close(fd)
             return holder
-        self.fd, self.previous = fd, read_record(fd)
+        self.fd, self.owner, self.previous = fd, os.getpid(), read_record(fd)
+        HELD_LOCKS.add(self)
         record = {"pid": os.getpid(), "host": HOST, "purpose": self.purpose, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": " ".join(sys.argv)[:300]}
         with contextlib.suppress(OSError):  # a read-only lock file still locks; it just keeps its old record
@@ -69,17 +76,31 @@ class FileLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)  # an empty record: released, not abandoned
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            if self.owner == os.getpid():  # a forked child's unlock would drop its parent's lock (one open file)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, 0)  # an empty record: released, not abandoned
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+        HELD_LOCKS.discard(self)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.release()
+
+
+def release_held_locks() -> None:
+    """Release every lock this process still holds. Why at exit: the kernel drops a flock when
+    the process ends, but the record would stay and make the next holder log a takeover from a
+    process that in fact ended cleanly; only a kill -9 or a crash should leave one."""
+    for lock in list(HELD_LOCKS):
+        if lock.owner == os.getpid():
+            lock.release()
+
+
+atexit.register(release_held_locks)
 
 
 def read_record(fd: int) -> dict:

@@ -8,10 +8,12 @@ safe points (between training steps, evaluation batches, encoding batches, while
 lock or for the tokenizer-training process) and stops there, with a checkpoint when there is
 training state to save. Later signals are noted and change nothing: the checkpoint of the
 current step is still written, and once a stop is on its way out (its exception leaving the
-deferred region, or a SignalStop raised) further signals are only noted until the process ends.
+deferred region, or a SignalStop raised) further signals are only noted until the process ends,
+and ignored during the interpreter's own exit (see `ignore_repeats_at_exit`).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -98,3 +100,19 @@ class StopRequest:
 
 
 STOP = StopRequest()
+
+
+def ignore_repeats_at_exit() -> None:
+    """At interpreter exit after an honoured stop: ignore SIGINT/SIGTERM from here on.
+
+    Why: Python restores the default handlers after the atexit hooks, before tearing the modules
+    down (long with torch loaded), and a repeat landing then would kill the process by the signal
+    (-15) instead of letting it exit with the stop's status. An ignored signal stays ignored
+    there. In process (tests), run_cli's handler is kept and uninstalled by the caller, which
+    clears `stopping`, so this changes nothing for them."""
+    if STOP.stopping and threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+atexit.register(ignore_repeats_at_exit)

@@ -35,6 +35,7 @@ def pipeline_run(small_corpus, tmp_path_factory):
 def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_run):
     root, proc = pipeline_run
     assert "preset tiny: no CUDA GPU is visible" in proc.stdout
+    assert "took over" not in proc.stdout  # each stage released its folders: no lock looked abandoned
     summary = json.loads((root / "models" / "training_summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["corpus", "gpt2", "simone", "validate", "package", "archives"]
     assert summary["stages"][-1]["status"] == "passed"

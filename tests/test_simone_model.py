@@ -25,7 +25,7 @@ from simone_transformer.enhanced_model import (
     trace_to_jsonable,
 )
 from simone_transformer.hf_model import SimOneForCausalLM, SimOneHFConfig, load_native, save_pretrained_dir
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, assert_plain_file_modes, run_script
 
 EXPORT_SCRIPT = REPO / "SIM-ONE Training" / "export_llama.py"
 GOVERNANCE_OFF = dict(policy_gate=False, memory_tokens=0)
@@ -126,6 +126,7 @@ def test_export_matches_llama(tmp_path, n_kv_heads, tie):
     save_pretrained_dir(model, tmp_path / "simone")
     load_export_module().main(["--model_dir", str(tmp_path / "simone"), "--output_dir", str(tmp_path / "llama")])
     assert oct((tmp_path / "llama").stat().st_mode & 0o777) == "0o755"
+    assert_plain_file_modes(tmp_path / "llama")
 
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
     assert llama.config.num_key_value_heads == n_kv_heads

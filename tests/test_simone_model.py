@@ -283,7 +283,7 @@ class LogitsOnly(torch.nn.Module):
 
 def test_export_at_dynamic_length_with_governance_on(tmp_path):
     """torch.export (the front end of torch.onnx's dynamo exporter) at a symbolic length; the
-    ONNX file too where onnxscript is installed."""
+    ONNX file too where onnxscript is installed, run by onnxruntime where that is installed."""
     model = make_model(policy_gate=True, memory_tokens=3, qk_norm=True)
     seq = torch.export.Dim("seq", min=2, max=model.config.max_seq_len)
     program = torch.export.export(LogitsOnly(model), (tokens(length=9),), dynamic_shapes=({1: seq},))
@@ -293,10 +293,19 @@ def test_export_at_dynamic_length_with_governance_on(tmp_path):
             torch.testing.assert_close(program.module()(x), model(x).logits, atol=1e-5, rtol=1e-5)
     if importlib.util.find_spec("onnxscript") is None:
         return
-    onnx_program = torch.onnx.export(LogitsOnly(model), (tokens(length=9),), dynamo=True,
+    onnx_program = torch.onnx.export(LogitsOnly(model).eval(), (tokens(length=9),), dynamo=True,
                                      dynamic_shapes=({1: seq},))
     onnx_program.save(str(tmp_path / "simone.onnx"))
     assert (tmp_path / "simone.onnx").stat().st_size > 0
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(tmp_path / "simone.onnx"), providers=["CPUExecutionProvider"])
+    for length in (5, 17):  # other lengths than the one exported with
+        x = tokens(length=length, seed=length)
+        (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(logits), model(x).logits, atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- memory tokens

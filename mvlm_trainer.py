@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from mvlm_engine import cli  # noqa: E402
 from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting, upper_limit_problems  # noqa: E402
 from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
+from mvlm_engine.fileio import plain_file_modes  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
@@ -141,6 +142,7 @@ def export(model, tokenizer_path: Path, block_size: int, out: Path) -> None:
                                                pad_token_id=c.pad_token_id, **GENERATION_DEFAULTS)
     model.save_pretrained(out)
     save_hf_tokenizer(tokenizer_path, block_size, out)
+    plain_file_modes(out)
 
 
 def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:

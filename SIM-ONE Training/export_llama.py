@@ -20,8 +20,8 @@ from pathlib import Path
 from mvlm_engine.checkpoint import step_checkpoints
 from mvlm_engine.cli import OneLineParser, run_cli
 from mvlm_engine.errors import UserError
-from mvlm_engine.fileio import (ensure_free_space, folder_problem, remove_dead_staging, staging_path,
-                                storage_errors)
+from mvlm_engine.fileio import (ensure_free_space, folder_problem, plain_file_modes, remove_dead_staging,
+                                staging_path, storage_errors)
 
 PROG = "export_llama.py"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -108,6 +108,7 @@ def export(model_dir: Path, output_dir: Path) -> None:
                     shutil.copyfile(model_dir / name, staging / name)
             if output_dir.exists():
                 output_dir.rmdir()  # empty, checked above
+            plain_file_modes(staging)
             staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -176,6 +176,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def plain_file_modes(folder: Path) -> None:
+    """Let the files directly in `folder` be read as a plain open() would allow (0644 under
+    umask 022): safetensors >= 0.8 writes model.safetensors through a private temporary file,
+    mode 0600, which a model folder shared with others or uploaded as it is would keep."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod((path.stat().st_mode & 0o777) | (0o644 & ~mask))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -49,6 +49,16 @@ def assert_one_line_error(proc, *needles):
         assert needle in lines[0], lines[0]
 
 
+def assert_plain_file_modes(folder):
+    """Every file of a model folder readable as a plain open() leaves it (0644 under umask 022),
+    not safetensors' private 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    narrow = {p.name: oct(p.stat().st_mode & 0o777) for p in Path(folder).iterdir()
+              if p.is_file() and (p.stat().st_mode & 0o644 & ~mask) != 0o644 & ~mask}
+    assert not narrow, narrow
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A corpus built by the real builder, small enough for CPU tests."""

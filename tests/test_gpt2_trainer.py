@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import conftest
-from conftest import GPT2_TRAINER, REPO, assert_one_line_error, assert_same_weights, run_script
+from conftest import (GPT2_TRAINER, REPO, assert_one_line_error, assert_plain_file_modes, assert_same_weights,
+                      run_script)
 
 pytestmark = pytest.mark.e2e
 tiny_args = partial(conftest.tiny_args, GPT2_TRAINER)
@@ -41,6 +42,7 @@ def test_output_is_a_complete_save_pretrained_directory(trained_gpt2):
     for name in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "training_history.json", "loss_curve.png", "train_config.json"]:
         assert (trained_gpt2 / name).is_file(), name
+    assert_plain_file_modes(trained_gpt2)
     assert list((trained_gpt2 / "tensorboard").glob("events.out.tfevents.*"))
     assert (trained_gpt2 / "checkpoints" / "best_model" / "model.safetensors").is_file()
     assert sorted(p.name for p in (trained_gpt2 / "checkpoints").glob("step_*")) == ["step_000075", "step_000150"]

@@ -25,7 +25,7 @@ from simone_transformer.enhanced_model import (
     trace_to_jsonable,
 )
 from simone_transformer.hf_model import SimOneForCausalLM, SimOneHFConfig, load_native, save_pretrained_dir
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, assert_plain_file_modes, run_script
 
 EXPORT_SCRIPT = REPO / "SIM-ONE Training" / "export_llama.py"
 GOVERNANCE_OFF = dict(policy_gate=False, memory_tokens=0)
@@ -126,6 +126,7 @@ def test_export_matches_llama(tmp_path, n_kv_heads, tie):
     save_pretrained_dir(model, tmp_path / "simone")
     load_export_module().main(["--model_dir", str(tmp_path / "simone"), "--output_dir", str(tmp_path / "llama")])
     assert oct((tmp_path / "llama").stat().st_mode & 0o777) == "0o755"
+    assert_plain_file_modes(tmp_path / "llama")
 
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
     assert llama.config.num_key_value_heads == n_kv_heads
@@ -282,7 +283,7 @@ class LogitsOnly(torch.nn.Module):
 
 def test_export_at_dynamic_length_with_governance_on(tmp_path):
     """torch.export (the front end of torch.onnx's dynamo exporter) at a symbolic length; the
-    ONNX file too where onnxscript is installed."""
+    ONNX file too where onnxscript is installed, run by onnxruntime where that is installed."""
     model = make_model(policy_gate=True, memory_tokens=3, qk_norm=True)
     seq = torch.export.Dim("seq", min=2, max=model.config.max_seq_len)
     program = torch.export.export(LogitsOnly(model), (tokens(length=9),), dynamic_shapes=({1: seq},))
@@ -292,10 +293,19 @@ def test_export_at_dynamic_length_with_governance_on(tmp_path):
             torch.testing.assert_close(program.module()(x), model(x).logits, atol=1e-5, rtol=1e-5)
     if importlib.util.find_spec("onnxscript") is None:
         return
-    onnx_program = torch.onnx.export(LogitsOnly(model), (tokens(length=9),), dynamo=True,
+    onnx_program = torch.onnx.export(LogitsOnly(model).eval(), (tokens(length=9),), dynamo=True,
                                      dynamic_shapes=({1: seq},))
     onnx_program.save(str(tmp_path / "simone.onnx"))
     assert (tmp_path / "simone.onnx").stat().st_size > 0
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(tmp_path / "simone.onnx"), providers=["CPUExecutionProvider"])
+    for length in (5, 17):  # other lengths than the one exported with
+        x = tokens(length=length, seed=length)
+        (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(logits), model(x).logits, atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- memory tokens

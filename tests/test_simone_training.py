@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 import conftest
-from conftest import REPO, SIMONE_TRAINER, TEST_VOCAB, assert_one_line_error, assert_same_weights, run_script
+from conftest import (REPO, SIMONE_TRAINER, TEST_VOCAB, assert_one_line_error, assert_plain_file_modes,
+                      assert_same_weights, run_script)
 
 pytestmark = pytest.mark.e2e
 SIMONE_DIR = REPO / "SIM-ONE Training"
@@ -36,6 +37,7 @@ def test_everything_on_trains_and_logs_every_term(trained_simone):
     for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "hf_model.py",
                  "training_history.json", "loss_curve.png", "train_config.json", "run_summary.json"]:
         assert (trained_simone / name).is_file(), name
+    assert_plain_file_modes(trained_simone)
     assert list((trained_simone / "tensorboard").glob("events.out.tfevents.*"))
     assert (trained_simone / "checkpoints" / "best_model").is_dir()
 

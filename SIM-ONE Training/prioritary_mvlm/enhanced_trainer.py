@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mvlm_engine.data import BlockSampler, LMBatches
+from mvlm_engine.fileio import plain_file_modes
 from mvlm_engine.logs import get_logger
 from mvlm_engine.metrics import transformer_flops_per_token
 from mvlm_engine.packaging import GENERATION_DEFAULTS
@@ -129,3 +130,4 @@ def export(model: SimOneModel, tokenizer_path: Path, block_size: int, out: Path)
     """The trust_remote_code directory: tokenizer files, then weights, config and modelling code."""
     special_ids = save_hf_tokenizer(tokenizer_path, block_size, out)
     save_pretrained_dir(model, out, special_ids, generation=GENERATION_DEFAULTS)
+    plain_file_modes(out)

@@ -99,14 +99,19 @@ def compare_models(device: torch.device, shape: CompareShape, steps: int, repeat
         "SIM-ONE, governance off, chunked cross-entropy": train_timer(copy_of(base), chunked_loss, batch, steps),
         "HF LlamaForCausalLM, same weights": train_timer(llama, full_logits_loss("llama"), batch, steps),
     }, repeats)
+    from simone_transformer.hf_model import SimOneForCausalLM
     prompt = torch.randint(0, shape.vocab_size, (1, shape.prompt_len), device=device)
     n = shape.new_tokens
-    base.eval(), llama.eval()
+    wrapped = SimOneForCausalLM.from_native(base.eval(), pad_token_id=0)
+    llama.eval()
+
+    def greedy(model):  # exactly n new tokens through transformers' generate, whatever comes out
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+
     decode = interleaved({
-        "SIM-ONE generate, KV cache": decode_timer(lambda: base.generate(prompt, n, temperature=0), n, device),
-        "HF generate, KV cache": decode_timer(lambda: llama.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-            pad_token_id=0), n, device),
+        "SIM-ONE generate, KV cache": decode_timer(greedy(wrapped), n, device),
+        "HF generate, KV cache": decode_timer(greedy(llama), n, device),
     }, repeats)
     reference = "HF LlamaForCausalLM, same weights"
     return {"train_tokens_per_s": median(train), "decode_tokens_per_s": median(decode),

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from .errors import TrainingDiverged, UserError
-from .fileio import ensure_free_space, fsync_dir, storage_errors
+from .fileio import ensure_free_space, fsync_dir, plain_file_modes, storage_errors
 from .optim import optimizers_of
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -129,6 +129,7 @@ def write_checkpoint_files(tmp: Path, module, optimizer, scaler, trainer_state: 
     torch.save(tensors, tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(state_text)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    plain_file_modes(tmp)
     for path in tmp.iterdir():
         _fsync_file(path)
     fsync_dir(tmp)

@@ -45,6 +45,7 @@ def test_output_is_a_complete_save_pretrained_directory(trained_gpt2):
     assert_plain_file_modes(trained_gpt2)
     assert list((trained_gpt2 / "tensorboard").glob("events.out.tfevents.*"))
     assert (trained_gpt2 / "checkpoints" / "best_model" / "model.safetensors").is_file()
+    assert_plain_file_modes(trained_gpt2 / "checkpoints" / "best_model")
     assert sorted(p.name for p in (trained_gpt2 / "checkpoints").glob("step_*")) == ["step_000075", "step_000150"]
     train_config = json.loads((trained_gpt2 / "train_config.json").read_text())
     assert train_config["max_steps"] == 150 and train_config["batch_size"] == 16

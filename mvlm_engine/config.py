@@ -89,6 +89,8 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
         "auto", "auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU")
     compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA; TORCH_COMPILE=0/1 overrides)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = setting(
+        "default", "torch.compile's mode when compiling (benchmarks/gpu_session.sh sweep measures them on a GPU)")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
     chunked_loss: bool = setting(True, "cross-entropy through the unembedding a chunk of rows at a time, so the "
                                        "full tokens x vocabulary logits are never held (off: full logits, as before)")

@@ -217,7 +217,7 @@ def wrap_model(run: Run) -> None:
     if run.runtime.distributed:
         device_ids = [run.runtime.device.index] if run.runtime.device.type == "cuda" else None
         run.ddp = model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    run.model = torch.compile(model) if run.runtime.compile else model
+    run.model = torch.compile(model, mode=run.cfg.compile_mode) if run.runtime.compile else model
 
 
 # --------------------------------------------------------------------------- one step

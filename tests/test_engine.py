@@ -190,7 +190,7 @@ def run(small_corpus, tmp_path, bad_calls, steps=12, make_objective=None, export
                                 block_size=32, batch_size=4, max_steps=steps, learning_rate=1e-2, warmup_steps=2,
                                 log_interval=1, eval_interval=steps, save_interval=steps, eval_windows=4, device="cpu",
                                 max_bad_steps=3), **settings})
-    runtime = start_runtime("cpu", "fp32", False)
+    runtime = start_runtime("cpu", "fp32", cfg.compile)
     data = prepare_token_data(cfg, runtime)
     vocab = data.tokenizer.get_vocab_size()
     objective = make_objective(vocab) if make_objective else BigramObjective(vocab, bad_calls)
@@ -269,3 +269,11 @@ def test_checkpoint_swap_recovery_and_abandoned_checkpoints(tmp_path):
     assert [p.name for p in moved] == ["step_000020", "step_000030"]
     assert [p.name for p in step_checkpoints(root)] == ["step_000010"]
     assert len(list((root / "abandoned").iterdir())) == 2  # kept, not deleted
+
+
+def test_compile_mode_reaches_torch_compile(small_corpus, tmp_path, monkeypatch):
+    import mvlm_engine.trainer as trainer
+    seen = []
+    monkeypatch.setattr(trainer.torch, "compile", lambda model, **options: seen.append(options) or model)
+    _, summary, _ = run(small_corpus, tmp_path, set(), steps=2, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}] and summary["compile"] is True

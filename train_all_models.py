@@ -192,8 +192,8 @@ def read_json(path: Path) -> dict:
 
 def training_metrics(out: Path) -> dict:
     run = read_json(out / "run_summary.json")
-    return {key: run.get(key) for key in ("steps", "tokens_seen", "final_val_loss", "final_val_bpb", "device",
-                                          "precision", "wall_seconds_this_process")}
+    return {key: run.get(key) for key in ("steps", "tokens_seen", "final_val_loss", "final_val_bpb", "exported_step",
+                                          "last_val_bpb", "device", "precision", "wall_seconds_this_process")}
 
 
 @dataclass

@@ -43,6 +43,7 @@ def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_r
         assert stage["status"] == "done" and stage["steps"] == 24 and stage["tokens_seen"] == 24 * 8 * 128
         # bits per byte = nats per token / ln 2 / bytes per token; a 512-token BPE averages 1.5 to 4 bytes.
         assert 1.5 < stage["final_val_loss"] / math.log(2) / stage["final_val_bpb"] < 4
+        assert 0 < stage["exported_step"] <= 24 and stage["final_val_bpb"] <= stage["last_val_bpb"]
     for name in ("mvlm_gpt2", "simone_enhanced"):
         assert (root / "models" / name / "model.safetensors").is_file()
         assert (root / "downloads" / f"{name}.tar.gz").is_file()

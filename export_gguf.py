@@ -586,27 +586,43 @@ class GGUFDownload:
             raise UserError(f"{PROG}: {err}") from None
         return None
 
-    def usage(self, file_name: str, generation: dict) -> str:
-        """DOWNLOAD.md lines: llama-cli and an Ollama Modelfile, with the folder's sampling defaults."""
+    def usage(self, output: Path, generation: dict) -> str:
+        """DOWNLOAD.md lines: llama-cli and an Ollama Modelfile, with the folder's sampling defaults,
+        the context set to the model's and the continuation capped to half of it."""
+        import gguf
+
+        reader = gguf.GGUFReader(str(output))
+        arch = reader.get_field("general.architecture").contents()
+        n_ctx = int(reader.get_field(f"{arch}.context_length").contents())
         sampling = dict(generation)
         if not sampling.get("do_sample", True):
             sampling["temperature"] = 0  # greedy in both clients
-        pairs = [(flag, parameter, sampling[key]) for key, (flag, parameter) in CLIENT_SAMPLING.items()
-                 if key in sampling]
+        if "max_new_tokens" in sampling:
+            sampling["max_new_tokens"] = min(int(sampling["max_new_tokens"]), n_ctx // 2)
+        pairs = [("-c", "num_ctx", n_ctx)] + [(flag, parameter, sampling[key]) for key, (flag, parameter)
+                                             in CLIENT_SAMPLING.items() if key in sampling]
         flags = " ".join(f"{flag} {value}" for flag, _, value in pairs)
         parameters = "".join(f"PARAMETER {parameter} {value}\n" for _, parameter, value in pairs)
-        model = Path(file_name).stem.lower()
-        return (f"GGUF for llama.cpp and Ollama: `{file_name}` (float32 weights, tokenizer inside; "
-                "plain text completion, no chat template), with the sampling defaults of "
-                "generation_config.json:\n\n"
-                f'```bash\nllama-cli -m {file_name} -p "{USAGE_PROMPT}" {flags}\n```\n\n'
+        model = output.stem.lower()
+        return ("For llama.cpp and Ollama (float32 weights, tokenizer inside; plain text completion, no chat "
+                "template), with the sampling defaults of generation_config.json:\n\n"
+                f'```bash\nllama-cli -m {output.name} -p "{USAGE_PROMPT}" {flags}\n```\n\n'
                 f"Ollama: save as `Modelfile` beside the file, then `ollama create {model} -f Modelfile` and "
                 f'`ollama run {model} "{USAGE_PROMPT}"`:\n\n'
-                f'```\nFROM ./{file_name}\nTEMPLATE "{{{{ .Prompt }}}}"\n{parameters}```\n\n'
-                "Checked by the training repository's tests through llama-cpp-python (the llama.cpp "
-                "library): the same tokens and the same greedy continuation as transformers. llama.cpp "
-                "penalizes repeats over the last 64 tokens only, transformers over the whole text. "
-                "The llama-cli binary and Ollama were not run.\n")
+                f'```\nFROM ./{output.name}\nTEMPLATE "{{{{ .Prompt }}}}"\n{parameters}```\n\n'
+                + usage_notes(arch, n_ctx))
+
+
+def usage_notes(arch: str, n_ctx: int) -> str:
+    """What DOWNLOAD.md may say of a GGUF file: what was checked, and the context limit."""
+    limit = (f"GPT-2's learned positions end there, and llama.cpp (through llama-cpp-python) aborts when prompt "
+             "and continuation together go past them" if arch == "gpt2" else
+             "beyond it the model runs on positions it never saw in training")
+    return (f"The context is {n_ctx} tokens, prompt and continuation together: {limit}. The training "
+            "repository's tests run such files through llama-cpp-python (the llama.cpp library) against "
+            "transformers: the same token ids and the same greedy continuation, on its tiny test models. "
+            "The llama-cli binary and Ollama were not run there. llama.cpp penalizes repeats over the last "
+            "64 tokens by default, transformers over the whole text.\n")
 
 
 DOWNLOAD_FORMAT = GGUFDownload()

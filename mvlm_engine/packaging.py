@@ -168,7 +168,7 @@ def download_section(name: str, info: dict) -> str:
             "```\n")
     for single in info.get("formats", []):
         if single["file"]:
-            text += f"\n- `{single['file']}`: {single['bytes']:,} bytes\n\n{single['usage']}"
+            text += f"\n- `{single['suffix']}` file: `{single['file']}` ({single['bytes']:,} bytes)\n\n{single['usage']}"
         else:
             text += f"\n- no `{single['suffix']}` file: {single['reason']}\n"
     return text
@@ -338,8 +338,8 @@ class DownloadFormat(Protocol):
         """Write `output` atomically (staging file then rename, free space checked first): None; or,
         writing nothing, the one-line reason this model has no such form. Raises for real faults."""
 
-    def usage(self, file_name: str, generation: dict) -> str:
-        """DOWNLOAD.md markdown: how to run `file_name` with the sampling defaults `generation`."""
+    def usage(self, output: Path, generation: dict) -> str:
+        """DOWNLOAD.md markdown: how to run the written file `output` with the sampling defaults `generation`."""
 
 
 def load_formats(modules: list[str]) -> list[DownloadFormat]:
@@ -371,7 +371,7 @@ def package_format(single: DownloadFormat, model_dir: Path, download_dir: Path) 
     generation = read_json(model_dir / "generation_config.json")
     defaults = {key: generation.get(key, value) for key, value in GENERATION_DEFAULTS.items()}
     return {"suffix": single.suffix, "file": output.name, "bytes": output.stat().st_size,
-            "usage": single.usage(output.name, defaults)}
+            "usage": single.usage(output, defaults)}
 
 
 def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = None,

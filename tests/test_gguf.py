@@ -446,11 +446,14 @@ def test_packaging_writes_a_gguf_beside_the_archive_listed_in_sha256sums(package
     assert sorted(p.name for p in downloads.iterdir()) == ["DOWNLOAD.md", "SHA256SUMS", "mvlm_gpt2.gguf",
                                                           "mvlm_gpt2.tar.gz", "simone_enhanced.tar.gz"]
     text = (downloads / "DOWNLOAD.md").read_text()
-    assert 'llama-cli -m mvlm_gpt2.gguf -p "[KJV] John 3:16" --temp 0.8 --top-p 0.9 --top-k 0 ' \
-           "--repeat-penalty 1.1 -n 128" in text
+    # The folder's context is 64 tokens: the continuation is capped to half of it.
+    assert 'llama-cli -m mvlm_gpt2.gguf -p "[KJV] John 3:16" -c 64 --temp 0.8 --top-p 0.9 --top-k 0 ' \
+           "--repeat-penalty 1.1 -n 32" in text
     modelfile = text.split("FROM ./mvlm_gpt2.gguf\n")[1].split("```")[0]
-    assert modelfile.splitlines() == ['TEMPLATE "{{ .Prompt }}"', "PARAMETER temperature 0.8", "PARAMETER top_p 0.9",
-                                      "PARAMETER top_k 0", "PARAMETER repeat_penalty 1.1", "PARAMETER num_predict 128"]
+    assert modelfile.splitlines() == ['TEMPLATE "{{ .Prompt }}"', "PARAMETER num_ctx 64", "PARAMETER temperature 0.8",
+                                      "PARAMETER top_p 0.9", "PARAMETER top_k 0", "PARAMETER repeat_penalty 1.1",
+                                      "PARAMETER num_predict 32"]
+    assert "The context is 64 tokens" in text and "Ollama were not run" in text
     assert {k: GENERATION_DEFAULTS[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty",
                                                 "max_new_tokens")} == dict(temperature=0.8, top_p=0.9, top_k=0,
                                                                            repetition_penalty=1.1, max_new_tokens=128)

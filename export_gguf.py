@@ -18,8 +18,11 @@ Norms, biases and GPT-2's position table always stay float32, as llama.cpp's con
 
 The file is written beside the output under a temporary name and renamed at the end, so a
 failed export leaves nothing behind (a killed export's temporary file is removed by the next
-one). A model with a NaN or infinite weight is refused. Errors: one line on stderr, exit status
-2 (1 for a full disk or an unwritable folder, 130/143 for SIGINT/SIGTERM).
+one). The pipeline's packaging stage writes `<name>.gguf` beside each archive through
+DOWNLOAD_FORMAT (f32), with a note in DOWNLOAD.md for a model GGUF cannot express.
+
+A model with a NaN or infinite weight is refused. Errors: one line on stderr, exit status 2
+(1 for a full disk or an unwritable folder, 130/143 for SIGINT/SIGTERM).
 """
 from __future__ import annotations
 
@@ -46,6 +49,11 @@ GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old
 
 class ExportError(Exception):
     """A problem with the user's input, reported as one line."""
+
+
+class CannotExpress(ExportError):
+    """A sound model folder that GGUF/llama.cpp cannot express (governance on, an unsupported
+    architecture, activation or tokenizer; no gguf package): packaging notes it and writes no file."""
 
 
 @dataclass
@@ -126,7 +134,7 @@ def simone_config(config: dict):
     try:
         from simone_transformer import SimOneConfig
     except ImportError:
-        raise ExportError("SIM-ONE folders need this repository's packages; run pip install -e . "
+        raise CannotExpress("SIM-ONE folders need this repository's packages; run pip install -e . "
                           "in the repository root") from None
     missing = [key for key in SIMONE_SHAPE_KEYS if key not in config]
     if missing:
@@ -153,9 +161,9 @@ def gpt2_hparams(config: dict) -> Hparams:
     """GPT2Config -> Hparams; refuses what llama.cpp's gpt2 graph does not compute."""
     activation = config.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):  # llama.cpp's GELU is the tanh form
-        raise ExportError(f"GPT-2 activation {activation!r} has no llama.cpp equivalent (needs gelu_new)")
+        raise CannotExpress(f"GPT-2 activation {activation!r} has no llama.cpp equivalent (needs gelu_new)")
     if config.get("scale_attn_by_inverse_layer_idx") or config.get("scale_attn_weights") is False:
-        raise ExportError("GPT-2 attention scaling other than 1/sqrt(head_dim) has no llama.cpp equivalent")
+        raise CannotExpress("GPT-2 attention scaling other than 1/sqrt(head_dim) has no llama.cpp equivalent")
     n_embd = config_value(config, "n_embd", int)
     n_head = config_value(config, "n_head", int)
     inner = config.get("n_inner")
@@ -172,7 +180,7 @@ def simone_hparams(config: dict) -> Hparams:
     simone = simone_config(config)
     features = governance_features(simone)
     if features:
-        raise ExportError(f"cannot export to GGUF: SIM-ONE has governance or recipe pieces on that llama.cpp's "
+        raise CannotExpress(f"cannot export to GGUF: SIM-ONE has governance or recipe pieces on that llama.cpp's "
                           f"llama architecture cannot express: {', '.join(features)}")
     return Hparams(
         n_layer=simone.n_layers, n_embd=simone.d_model, n_head=simone.n_heads, n_head_kv=simone.n_kv_heads,
@@ -187,7 +195,7 @@ def llama_rope_theta(config: dict) -> float:
     if not isinstance(rope, dict):
         raise ExportError("config.json 'rope_parameters' must be an object")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ExportError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; "
+        raise CannotExpress(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; "
                           "only plain RoPE is exported")
     return config_value({**config, **rope}, "rope_theta", float, 10000.0)
 
@@ -195,7 +203,7 @@ def llama_rope_theta(config: dict) -> float:
 def llama_hparams(config: dict) -> Hparams:
     """LlamaConfig -> Hparams; biases and activations other than SiLU are refused."""
     if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
-        raise ExportError("only bias-free SiLU Llama models are exported")
+        raise CannotExpress("only bias-free SiLU Llama models are exported")
     n_embd = config_value(config, "hidden_size", int)
     n_head = config_value(config, "num_attention_heads", int)
     n_head_kv = config.get("num_key_value_heads")
@@ -263,7 +271,7 @@ ARCHITECTURES = {
 def architecture_of(config: dict) -> Architecture:
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ExportError(f"config.json model_type {model_type!r} is not supported "
+        raise CannotExpress(f"config.json model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(ARCHITECTURES)})")
     return ARCHITECTURES[model_type]
 
@@ -359,15 +367,15 @@ def read_tokenizer_json(model_dir: Path) -> dict:
         raise ExportError(f"{path} is not readable JSON ({err.__class__.__name__})") from None
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
-        raise ExportError(f"{path} is not a BPE tokenizer")
+        raise CannotExpress(f"{path} is not a BPE tokenizer")
     pre = data.get("pre_tokenizer") or {}
     if (not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or pre.get("use_regex") is False
             or data.get("normalizer") is not None):
-        raise ExportError(f"{path}: only byte-level BPE with GPT-2 pre-tokenization, no prefix space and "
+        raise CannotExpress(f"{path}: only byte-level BPE with GPT-2 pre-tokenization, no prefix space and "
                           "no normalizer can be tokenized identically by llama.cpp")
     if model.get("byte_fallback") or model.get("ignore_merges") or model.get("continuing_subword_prefix") \
             or model.get("end_of_word_suffix"):
-        raise ExportError(f"{path}: BPE options (byte_fallback, ignore_merges, affixes) llama.cpp lacks")
+        raise CannotExpress(f"{path}: BPE options (byte_fallback, ignore_merges, affixes) llama.cpp lacks")
     return data
 
 
@@ -520,7 +528,7 @@ def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ExportError("the gguf package is not installed; pip install 'gguf>=0.16'") from None
+        raise CannotExpress("the gguf package is not installed; pip install 'gguf>=0.16'") from None
     raw = load_weights(model_dir / "model.safetensors")
     refuse_non_finite(raw, model_dir)
     tensors = gguf_named_tensors(architecture.tensors(raw, hp), architecture.gguf_arch, hp)
@@ -545,6 +553,79 @@ def refuse_non_finite(weights: dict[str, np.ndarray], model_dir: Path) -> None:
         from mvlm_engine.checkpoint import last_good_checkpoint
         raise ExportError(f"--model_dir {model_dir} holds {bad:,} NaN or infinite weights, so it was not exported; "
                           f"{last_good_checkpoint(model_dir / 'checkpoints')}")
+
+
+# --------------------------------------------------------------------------- packaging's hook
+
+
+# generation_config.json's sampling settings -> (llama-cli flag, Ollama Modelfile PARAMETER).
+CLIENT_SAMPLING = {"temperature": ("--temp", "temperature"), "top_p": ("--top-p", "top_p"),
+                   "top_k": ("--top-k", "top_k"), "repetition_penalty": ("--repeat-penalty", "repeat_penalty"),
+                   "max_new_tokens": ("-n", "num_predict")}
+USAGE_PROMPT = "[KJV] John 3:16"
+
+
+class GGUFDownload:
+    """`<name>.gguf` beside each download archive: the `DownloadFormat` that mvlm_engine.packaging
+    takes (train_all_models.py hands it this module by name, `--formats export_gguf`)."""
+
+    suffix = ".gguf"
+    dtype = "f32"  # the archives' precision; export_gguf.py --dtype f16|q8_0 makes smaller files
+
+    def write(self, model_dir: Path, output: Path) -> str | None:
+        """Export (staging file then rename, free space checked first); None when written, else the
+        one-line reason this model has no GGUF form (nothing written). A folder that is broken,
+        not merely inexpressible, is a UserError; a full disk a StorageError."""
+        from mvlm_engine.errors import UserError
+
+        try:
+            export(model_dir, output, self.dtype)
+        except CannotExpress as err:
+            return str(err)
+        except ExportError as err:
+            raise UserError(f"{PROG}: {err}") from None
+        return None
+
+    def usage(self, output: Path, generation: dict) -> str:
+        """DOWNLOAD.md lines: llama-cli and an Ollama Modelfile, with the folder's sampling defaults,
+        the context set to the model's and the continuation capped to half of it."""
+        import gguf
+
+        reader = gguf.GGUFReader(str(output))
+        arch = reader.get_field("general.architecture").contents()
+        n_ctx = int(reader.get_field(f"{arch}.context_length").contents())
+        sampling = dict(generation)
+        if not sampling.get("do_sample", True):
+            sampling["temperature"] = 0  # greedy in both clients
+        if "max_new_tokens" in sampling:
+            sampling["max_new_tokens"] = min(int(sampling["max_new_tokens"]), n_ctx // 2)
+        pairs = [("-c", "num_ctx", n_ctx)] + [(flag, parameter, sampling[key]) for key, (flag, parameter)
+                                             in CLIENT_SAMPLING.items() if key in sampling]
+        flags = " ".join(f"{flag} {value}" for flag, _, value in pairs)
+        parameters = "".join(f"PARAMETER {parameter} {value}\n" for _, parameter, value in pairs)
+        model = output.stem.lower()
+        return ("For llama.cpp and Ollama (float32 weights, tokenizer inside; plain text completion, no chat "
+                "template), with the sampling defaults of generation_config.json:\n\n"
+                f'```bash\nllama-cli -m {output.name} -p "{USAGE_PROMPT}" {flags}\n```\n\n'
+                f"Ollama: save as `Modelfile` beside the file, then `ollama create {model} -f Modelfile` and "
+                f'`ollama run {model} "{USAGE_PROMPT}"`:\n\n'
+                f'```\nFROM ./{output.name}\nTEMPLATE "{{{{ .Prompt }}}}"\n{parameters}```\n\n'
+                + usage_notes(arch, n_ctx))
+
+
+def usage_notes(arch: str, n_ctx: int) -> str:
+    """What DOWNLOAD.md may say of a GGUF file: what was checked, and the context limit."""
+    limit = (f"GPT-2's learned positions end there, and llama.cpp (through llama-cpp-python) aborts when prompt "
+             "and continuation together go past them" if arch == "gpt2" else
+             "beyond it the model runs on positions it never saw in training")
+    return (f"The context is {n_ctx} tokens, prompt and continuation together: {limit}. The training "
+            "repository's tests run such files through llama-cpp-python (the llama.cpp library) against "
+            "transformers: the same token ids and the same greedy continuation, on its tiny test models. "
+            "The llama-cli binary and Ollama were not run there. llama.cpp penalizes repeats over the last "
+            "64 tokens by default, transformers over the whole text.\n")
+
+
+DOWNLOAD_FORMAT = GGUFDownload()
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -9,7 +9,8 @@ Re-running after a failure or a kill skips the finished stages and resumes an in
 training stage from its latest checkpoint. Each stage's output is shown live and kept in
 logs/<stage>.log; models/training_summary.json records status, duration and key metrics.
 Validation writes each model's card (README.md) into its folder, packaging then archives the
-folders with their cards, and a last stage adds the archives' checks to the validation report.
+folders with their cards (plus `<name>.gguf` for each model GGUF can express), and a last stage
+adds the download checks (SHA256SUMS over every file) to the validation report.
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ PIPELINE_LOCK = ".pipeline.lock"
 # The pipeline's models, in training order: the one table of what there is to train.
 TRAINERS = {"gpt2": Trainer("mvlm_gpt2", REPO / "mvlm_trainer.py"),
             "simone": Trainer("simone_enhanced", REPO / "SIM-ONE Training" / "enhanced_train.py")}
+# Single-file downloads beside the archives: modules whose DOWNLOAD_FORMAT the packaging stage calls
+# (export_gguf: `<name>.gguf` for llama.cpp and Ollama, or a note in DOWNLOAD.md saying why not).
+DOWNLOAD_FORMATS = ["export_gguf"]
 
 
 @dataclass
@@ -252,7 +256,8 @@ class Pipeline:
         if not trained:
             raise StageFailed("package", f"no trained model in {models_dir} to package; run without --skip_training")
         run_stage("package", [sys.executable, "-m", "mvlm_engine.packaging", "--models_dir", models_dir,
-                              "--download_dir", self.path("download_dir"), "--names", *trained],
+                              "--download_dir", self.path("download_dir"), "--names", *trained,
+                              "--formats", *DOWNLOAD_FORMATS],
                   self.path("logs_dir") / "package.log")
         self.record("package", "done", started, archives=[str(self.path("download_dir") / f"{n}.tar.gz") for n in trained])
 

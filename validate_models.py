@@ -19,7 +19,9 @@ For each model folder in --models_dir (--names, or every folder holding a model)
                  exact match
   retrieval@1    parallel held-out verses, mean-pooled last hidden states
   trace          (SIM-ONE) a generation trace: gates, memory attention, logit lens -> JSON
-and the archives with SHA256SUMS in --download_dir. Writes validation_report.json,
+and the downloads in --download_dir: every file SHA256SUMS lists (the archives and the .gguf
+files packaging writes beside them) matches its sum, each archive is a readable tar.gz holding
+the weights and no checkpoints. Writes validation_report.json,
 validation_report.md and two PNG plots to --models_dir, and a model card (README.md, its figures
 from this report) into each model folder that passed; exits 1 naming every failed check.
 --no_archives checks the models only; --archives_only then adds the archives to the same report

@@ -4,17 +4,22 @@ and their checksums.
 Every exporter writes GENERATION_DEFAULTS into the folder's generation_config.json. At the end
 of training every model directory gets `model_manifest.json`: sha256 and size of each
 top-level file; validation adds the model card (`write_model_card`). `package_model` turns the final model (not checkpoints/ or tensorboard/)
-into a reproducible .tar.gz; `SHA256SUMS` and DOWNLOAD.md sit beside the archives. The check
-functions return problems as messages that name the file, for validate_models.py.
+into a reproducible .tar.gz; `SHA256SUMS` and DOWNLOAD.md sit beside the archives. Single-file
+formats for other clients (`DownloadFormat`) are handed in by the caller by module name
+(`--formats`; train_all_models.py names them): each writes `<name><suffix>` beside the archive of
+every model it can express and says why not for the others. The check functions return problems
+as messages that name the file, for validate_models.py.
 """
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Protocol
 
 from .errors import UserError
 from .fileio import (atomic_write_text, ensure_free_space, folder_problem, remove_dead_staging, sha256_file,
@@ -101,14 +106,14 @@ def package_model(model_dir: Path, archive: Path) -> Path:
     return archive
 
 
-def write_sha256sums(folder: Path, archives: list[Path]) -> Path:
-    lines = "".join(f"{sha256_file(a)}  {a.name}\n" for a in sorted(archives))
+def write_sha256sums(folder: Path, files: list[Path]) -> Path:
+    lines = "".join(f"{sha256_file(a)}  {a.name}\n" for a in sorted(files))
     atomic_write_text(folder / SUMS_NAME, lines)
     return folder / SUMS_NAME
 
 
 def check_sha256sums(folder: Path) -> list[str]:
-    """Every archive listed in SHA256SUMS exists, is a readable tar.gz and matches its sum."""
+    """Every file listed in SHA256SUMS exists and matches its sum; each archive is a readable tar.gz."""
     sums = folder / SUMS_NAME
     if not sums.is_file():
         return [f"{sums}: missing"]
@@ -120,7 +125,7 @@ def check_sha256sums(folder: Path) -> list[str]:
             problems.append(f"{path}: missing")
         elif sha256_file(path) != expected:
             problems.append(f"{path}: sha256 differs from {sums.name}")
-        else:
+        elif name.endswith(".tar.gz"):
             try:
                 with tarfile.open(path, "r:gz") as tar:
                     tar.getmembers()
@@ -137,24 +142,36 @@ def archive_listing(archive: Path) -> list[str]:
 def write_download_md(folder: Path, models: dict[str, dict]) -> Path:
     """DOWNLOAD.md: how to verify and load each packaged model. models: name -> info."""
     out = io.StringIO()
-    out.write("# Model downloads\n\nVerify the archives, unpack, and load with transformers:\n\n"
-              "```bash\nsha256sum -c SHA256SUMS\n")
+    out.write("# Model downloads\n\nVerify every file listed in SHA256SUMS (the archives and any single-file "
+              "formats below), unpack, and load with transformers:\n\n```bash\nsha256sum -c SHA256SUMS\n")
     for name in models:
         out.write(f"tar -xzf {name}.tar.gz\n")
     out.write("```\n")
     for name, info in models.items():
-        remote = ", trust_remote_code=True" if info.get("trust_remote_code") else ""
-        out.write(f"\n## {name}\n\n{info.get('description', '')}\n\n"
-                  f"- archive: `{name}.tar.gz` ({info['archive_bytes']:,} bytes)\n"
-                  f"- files: {', '.join(info['files'])}\n\n"
-                  "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                  f'model = AutoModelForCausalLM.from_pretrained("{name}"{remote})\n'
-                  f'tokenizer = AutoTokenizer.from_pretrained("{name}"{remote})\n'
-                  'ids = tokenizer("[KJV] John 3:16", return_tensors="pt").input_ids\n'
-                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, top_p=0.9)[0]))\n"
-                  "```\n")
+        out.write(download_section(name, info))
     atomic_write_text(folder / "DOWNLOAD.md", out.getvalue())
     return folder / "DOWNLOAD.md"
+
+
+def download_section(name: str, info: dict) -> str:
+    """One model's part of DOWNLOAD.md: the archive, transformers, then each single-file format
+    (its usage, or one line saying why this model has none)."""
+    remote = ", trust_remote_code=True" if info.get("trust_remote_code") else ""
+    text = (f"\n## {name}\n\n{info.get('description', '')}\n\n"
+            f"- archive: `{name}.tar.gz` ({info['archive_bytes']:,} bytes)\n"
+            f"- files: {', '.join(info['files'])}\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{name}"{remote})\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}"{remote})\n'
+            'ids = tokenizer("[KJV] John 3:16", return_tensors="pt").input_ids\n'
+            "print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, top_p=0.9)[0]))\n"
+            "```\n")
+    for single in info.get("formats", []):
+        if single["file"]:
+            text += f"\n- `{single['suffix']}` file: `{single['file']}` ({single['bytes']:,} bytes)\n\n{single['usage']}"
+        else:
+            text += f"\n- no `{single['suffix']}` file: {single['reason']}\n"
+    return text
 
 
 # --------------------------------------------------------------------------- model card
@@ -311,23 +328,74 @@ def finished_models(models_dir: Path) -> list[str]:
     return sorted(p.name for p in models_dir.iterdir() if (p / MODEL_MANIFEST).is_file()) if models_dir.is_dir() else []
 
 
-def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = None) -> list[Path]:
-    """Archive every trained model in `models_dir`, then write SHA256SUMS and DOWNLOAD.md."""
+class DownloadFormat(Protocol):
+    """A single-file format for clients other than transformers, written beside the archives. The
+    engine knows none: a module passed by name (`--formats`) exposes one as DOWNLOAD_FORMAT."""
+
+    suffix: str  # the file is `<model folder name><suffix>`
+
+    def write(self, model_dir: Path, output: Path) -> str | None:
+        """Write `output` atomically (staging file then rename, free space checked first): None; or,
+        writing nothing, the one-line reason this model has no such form. Raises for real faults."""
+
+    def usage(self, output: Path, generation: dict) -> str:
+        """DOWNLOAD.md markdown: how to run the written file `output` with the sampling defaults `generation`."""
+
+
+def load_formats(modules: list[str]) -> list[DownloadFormat]:
+    """The DOWNLOAD_FORMAT of each named module (importable from the working directory)."""
+    formats = []
+    for module in modules:
+        try:
+            formats.append(importlib.import_module(module).DOWNLOAD_FORMAT)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            raise UserError(f"--formats: no module {module!r} importable from {Path.cwd()}; run from the "
+                            "repository root, or pass --formats with no module for archives only") from None
+        except AttributeError:
+            raise UserError(f"--formats: module {module!r} has no DOWNLOAD_FORMAT") from None
+    return formats
+
+
+def package_format(single: DownloadFormat, model_dir: Path, download_dir: Path) -> dict:
+    """`<name><suffix>` for one model, or the reason it has none (an old file of that name goes:
+    SHA256SUMS and DOWNLOAD.md must not offer a file of an earlier model)."""
+    output = download_dir / f"{model_dir.name}{single.suffix}"
+    reason = single.write(model_dir, output)
+    if reason is not None:
+        with storage_errors(output, "removing"):
+            output.unlink(missing_ok=True)
+        log.info(f"no {output.name}: {reason}")
+        return {"suffix": single.suffix, "file": None, "reason": reason}
+    generation = read_json(model_dir / "generation_config.json")
+    defaults = {key: generation.get(key, value) for key, value in GENERATION_DEFAULTS.items()}
+    return {"suffix": single.suffix, "file": output.name, "bytes": output.stat().st_size,
+            "usage": single.usage(output, defaults)}
+
+
+def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = None,
+                formats: list[DownloadFormat] = ()) -> list[Path]:
+    """Archive every trained model in `models_dir` (and write each of `formats` it can express),
+    then write SHA256SUMS over every download and DOWNLOAD.md. Returns the files written."""
     names = names or finished_models(models_dir)
-    archives, info = [], {}
+    written, info = [], {}
     for name in names:
         archive = package_model(models_dir / name, download_dir / f"{name}.tar.gz")
-        archives.append(archive)
+        singles = [package_format(single, models_dir / name, download_dir) for single in formats]
+        written += [archive] + [download_dir / s["file"] for s in singles if s["file"]]
         info[name] = {**describe_model(models_dir / name), "archive_bytes": archive.stat().st_size,
-                      "files": [m.split("/", 1)[1] for m in archive_listing(archive)]}
-    existing = [p for p in download_dir.glob("*.tar.gz") if p not in archives]
-    write_sha256sums(download_dir, archives + existing)
+                      "files": [m.split("/", 1)[1] for m in archive_listing(archive)], "formats": singles}
+    patterns = ["*.tar.gz", *(f"*{single.suffix}" for single in formats)]
+    existing = {p for pattern in patterns for p in download_dir.glob(pattern)} - set(written)
+    write_sha256sums(download_dir, written + sorted(existing))
     write_download_md(download_dir, info)
-    return archives
+    return written
 
 
 def main(argv=None) -> None:
-    """python -m mvlm_engine.packaging: archive finished models, write SHA256SUMS and DOWNLOAD.md."""
+    """python -m mvlm_engine.packaging: archive finished models (plus each --formats file), write
+    SHA256SUMS and DOWNLOAD.md."""
     from .cli import OneLineParser
     from .locks import folder_holder, in_use_message
 
@@ -336,6 +404,9 @@ def main(argv=None) -> None:
     parser.add_argument("--download_dir", type=Path, default=Path("models_for_download"))
     parser.add_argument("--names", nargs="*", help="model folders (default: every folder of --models_dir that holds "
                                                    "a finished model)")
+    parser.add_argument("--formats", nargs="*", default=[], metavar="MODULE",
+                        help="modules whose DOWNLOAD_FORMAT writes a single file beside each archive of a "
+                             "model it can express (train_all_models.py passes export_gguf); default: none")
     args = parser.parse_args(argv)
     if not args.models_dir.is_dir():
         raise UserError(f"--models_dir {args.models_dir} is not a folder; train the models first")
@@ -353,8 +424,9 @@ def main(argv=None) -> None:
         holder = folder_holder(args.models_dir / name)
         if holder is not None:
             raise UserError(in_use_message(args.models_dir / name, holder))
-    for archive in package_all(args.models_dir, args.download_dir, args.names):
-        log.info(f"packaged {archive} ({archive.stat().st_size:,} bytes)")
+    formats = load_formats(args.formats)
+    for path in package_all(args.models_dir, args.download_dir, args.names, formats):
+        log.info(f"packaged {path} ({path.stat().st_size:,} bytes)")
     log.info(f"wrote {args.download_dir / SUMS_NAME} and {args.download_dir / 'DOWNLOAD.md'}")
 
 

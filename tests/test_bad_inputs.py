@@ -427,6 +427,10 @@ PACKAGING_CASES = [
      "which is a file"),
     ("downloads_read_only", lambda ws: ["--models_dir", str(ws.runs), "--download_dir", str(ws.ro / "empty")],
      "cannot be written"),
+    ("formats_no_module", lambda ws: ["--models_dir", str(ws.runs), "--download_dir", str(ws.missing),
+                                      "--formats", "no_such_format"], "--formats: no module 'no_such_format'"),
+    ("formats_not_a_format", lambda ws: ["--models_dir", str(ws.runs), "--download_dir", str(ws.missing),
+                                         "--formats", "json"], "has no DOWNLOAD_FORMAT"),
 ]
 
 CASES = [("mvlm_trainer.py", name, lambda ws, f=f: gpt2(ws, *f(ws)), needle) for name, f, needle in

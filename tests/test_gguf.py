@@ -409,6 +409,99 @@ def test_a_dead_exports_temporary_file_is_removed_and_a_live_ones_kept(gpt2_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.gguf", left[1].name])
 
 
+# --------------------------------------------------------------------------- packaging: <name>.gguf beside the archives
+
+
+@pytest.fixture(scope="module")
+def packaged(gpt2_dir, tokenizer_file, tmp_path_factory):
+    """packaging's command line (in-process) with --formats export_gguf over a GPT-2 folder and a
+    governed SIM-ONE; the download folder held a .gguf of an earlier model of the SIM-ONE's name."""
+    from mvlm_engine.packaging import main as package_main, write_model_manifest
+    root = tmp_path_factory.mktemp("packaged")
+    models, downloads = root / "models", root / "downloads"
+    shutil.copytree(gpt2_dir, models / "mvlm_gpt2")
+    save_simone(tokenizer_file, models / "simone_enhanced", policy_gate=True, memory_tokens=2)
+    for name in ("mvlm_gpt2", "simone_enhanced"):
+        write_model_manifest(models / name)
+    downloads.mkdir()
+    (downloads / "simone_enhanced.gguf").write_bytes(b"an earlier, expressible model's file")
+    package_main(["--models_dir", str(models), "--download_dir", str(downloads), "--formats", "export_gguf"])
+    return models, downloads
+
+
+def sums_of(downloads):
+    return {name: digest for digest, _, name in
+            (line.partition("  ") for line in (downloads / "SHA256SUMS").read_text().splitlines())}
+
+
+def test_packaging_writes_a_gguf_beside_the_archive_listed_in_sha256sums(packaged):
+    from mvlm_engine.fileio import sha256_file
+    from mvlm_engine.packaging import GENERATION_DEFAULTS
+    _, downloads = packaged
+    reader, tensors = read_gguf(downloads / "mvlm_gpt2.gguf")
+    assert field(reader, "general.architecture") == "gpt2" and len(tensors) == 28
+    assert field(reader, "general.file_type") == 0  # ALL_F32, the archives' precision
+    assert sums_of(downloads) == {name: sha256_file(downloads / name) for name in
+                                  ("mvlm_gpt2.tar.gz", "mvlm_gpt2.gguf", "simone_enhanced.tar.gz")}
+    assert sorted(p.name for p in downloads.iterdir()) == ["DOWNLOAD.md", "SHA256SUMS", "mvlm_gpt2.gguf",
+                                                          "mvlm_gpt2.tar.gz", "simone_enhanced.tar.gz"]
+    text = (downloads / "DOWNLOAD.md").read_text()
+    # The folder's context is 64 tokens: the continuation is capped to half of it.
+    assert 'llama-cli -m mvlm_gpt2.gguf -p "[KJV] John 3:16" -c 64 --temp 0.8 --top-p 0.9 --top-k 0 ' \
+           "--repeat-penalty 1.1 -n 32" in text
+    modelfile = text.split("FROM ./mvlm_gpt2.gguf\n")[1].split("```")[0]
+    assert modelfile.splitlines() == ['TEMPLATE "{{ .Prompt }}"', "PARAMETER num_ctx 64", "PARAMETER temperature 0.8",
+                                      "PARAMETER top_p 0.9", "PARAMETER top_k 0", "PARAMETER repeat_penalty 1.1",
+                                      "PARAMETER num_predict 32"]
+    assert "The context is 64 tokens" in text and "Ollama were not run" in text
+    assert {k: GENERATION_DEFAULTS[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty",
+                                                "max_new_tokens")} == dict(temperature=0.8, top_p=0.9, top_k=0,
+                                                                           repetition_penalty=1.1, max_new_tokens=128)
+
+
+def test_a_governed_simone_gets_no_gguf_but_a_note(packaged):
+    _, downloads = packaged
+    assert not (downloads / "simone_enhanced.gguf").exists()  # the earlier model's file went too
+    section = (downloads / "DOWNLOAD.md").read_text().split("## simone_enhanced")[1]
+    notes = [line for line in section.splitlines() if line.startswith("- no `.gguf` file:")]
+    assert len(notes) == 1 and "governance" in notes[0] and "policy_gate" in notes[0] and "memory_tokens=2" in notes[0]
+    assert "llama-cli" not in section and "FROM ./" not in section
+
+
+def test_a_corrupted_gguf_fails_the_archives_check_in_one_line(packaged, tmp_path):
+    models, downloads = packaged
+    copy = tmp_path / "downloads"
+    shutil.copytree(downloads, copy)
+    data = bytearray((copy / "mvlm_gpt2.gguf").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "mvlm_gpt2.gguf").write_bytes(bytes(data))
+    shutil.copytree(models, tmp_path / "models")
+    proc = run_script(REPO / "validate_models.py", "--archives_only", "--models_dir", tmp_path / "models",
+                      "--download_dir", copy, "--names", "mvlm_gpt2", "simone_enhanced")
+    assert proc.returncode == 1
+    failed = [line for line in proc.stderr.splitlines() if "FAILED" in line]
+    assert failed == [f"validate_models.py: FAILED archives (archives): {copy / 'mvlm_gpt2.gguf'}: sha256 differs "
+                      "from SHA256SUMS"], proc.stderr
+
+
+def test_a_broken_folder_is_an_error_not_a_note(gpt2_dir, tmp_path):
+    from mvlm_engine.errors import UserError
+    broken = shutil.copytree(gpt2_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="is not a readable safetensors file"):
+        exporter.DOWNLOAD_FORMAT.write(broken, tmp_path / "broken.gguf")
+    assert list(tmp_path.iterdir()) == [broken]
+
+
+def test_an_unknown_format_module_is_one_line(packaged, tmp_path):
+    from mvlm_engine.errors import UserError
+    from mvlm_engine.packaging import main as package_main
+    models, _ = packaged
+    with pytest.raises(UserError, match="--formats: no module 'no_such_format' importable"):
+        package_main(["--models_dir", str(models), "--download_dir", str(tmp_path / "d"), "--formats", "no_such_format"])
+    assert not (tmp_path / "d").exists()
+
+
 # --------------------------------------------------------------------------- end to end: llama.cpp vs transformers
 
 PROMPT = "In the beginning God created"

@@ -50,6 +50,12 @@ def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_r
         assert (root / "logs" / ("gpt2.log" if name == "mvlm_gpt2" else "simone.log")).is_file()
     assert (root / "downloads" / "SHA256SUMS").read_text().count(".tar.gz") == 2
     assert "sha256sum -c SHA256SUMS" in (root / "downloads" / "DOWNLOAD.md").read_text()
+    # MVLM-GPT2 gets a GGUF file beside its archive; the pipeline's SIM-ONE (policy gate, memory tokens) a note.
+    assert (root / "downloads" / "SHA256SUMS").read_text().count(".gguf") == 1
+    assert (root / "downloads" / "mvlm_gpt2.gguf").is_file() and not (root / "downloads" / "simone_enhanced.gguf").exists()
+    download = (root / "downloads" / "DOWNLOAD.md").read_text()
+    assert "llama-cli -m mvlm_gpt2.gguf" in download and "FROM ./mvlm_gpt2.gguf" in download
+    assert "- no `.gguf` file: cannot export to GGUF: SIM-ONE has governance" in download
     report = json.loads((root / "models" / "validation_report.json").read_text())
     assert report["passed"] and set(report["models"]) == {"mvlm_gpt2", "simone_enhanced", "archives"}
     for name in ("mvlm_gpt2", "simone_enhanced"):

@@ -230,12 +230,15 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, to
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001  (safetensors, torch.load and json raise many types on corrupt files)
-        first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"checkpoint {folder} is corrupt or does not match this model ({first_line}); "
-                        "resume from another checkpoint") from None
+        raise unreadable(folder, err, "; resume from another checkpoint") from None
     if non_finite_values(module):
         raise UserError(f"checkpoint {folder} holds NaN or infinite weights; resume from an earlier checkpoint")
     return state
+
+
+def unreadable(folder: Path, err: Exception, hint: str = "") -> UserError:
+    first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    return UserError(f"checkpoint {folder} is corrupt or does not match this model ({first_line}){hint}")
 
 
 def load_checked_weights(folder: Path, module: torch.nn.Module, state_text: str, step: int) -> None:
@@ -253,8 +256,7 @@ def load_weights(folder: Path, module: torch.nn.Module) -> dict:
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001  (safetensors raises many types on corrupt files)
-        first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"checkpoint {folder} is corrupt or does not match this model ({first_line})") from None
+        raise unreadable(folder, err) from None
     if non_finite_values(module):
         raise UserError(f"checkpoint {folder} holds NaN or infinite weights")
     return state

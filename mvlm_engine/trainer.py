@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (BEST, last_good_checkpoint, load_checkpoint, load_weights, prune_checkpoints, recover_interrupted_swaps,
-                         refuse_non_finite, resolve_resume, save_checkpoint, set_aside_later_checkpoints, state_bytes)
+from .checkpoint import (BEST, last_good_checkpoint, load_checkpoint, load_weights, prune_checkpoints,
+                         recover_interrupted_swaps, refuse_non_finite, resolve_resume, save_checkpoint,
+                         set_aside_later_checkpoints, state_bytes)
 from .config import TrainConfig, config_dict, save_config_json
 from .data import BatchSource, to_device
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
@@ -366,7 +367,8 @@ def patience_spent(run: Run) -> bool:
     if not patience or run.state["evals_since_best"] < patience:
         return False
     log.info(f"step {run.state['step']}: no new best held-out loss in {patience} evaluations (best "
-             f"{run.state['best_val_loss']:.4f} at step {run.state['best_step']}); stopping early (--early_stop_patience)")
+             f"{run.state['best_val_loss']:.4f} at step {run.state['best_step']}); stopping early "
+             "(--early_stop_patience)")
     return True
 
 

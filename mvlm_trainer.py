@@ -50,6 +50,13 @@ class GPT2Shape:
     n_layer: int = setting(12, "transformer blocks")
     n_embd: int = setting(768, "width of the residual stream")
     n_head: int = setting(12, "attention heads")
+    # GPT2Config's own dropouts (active in training only; evaluation and generation run without them).
+    resid_pdrop: float = setting(0.0, "dropout on each residual branch's output (attention and MLP), training only")
+    embd_pdrop: float = setting(0.0, "dropout on the token + position embeddings, training only")
+    attn_pdrop: float = setting(0.0, "dropout on the attention probabilities, training only")
+
+
+DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
 @dataclass
@@ -72,6 +79,8 @@ class GPT2RunConfig(TrainConfig):
         shape = self.model
         errors += [f"--{name} must be > 0 (got {getattr(shape, name)})" for name in ("n_layer", "n_embd", "n_head")
                    if getattr(shape, name) <= 0]
+        errors += [f"--{name} must be in [0, 1) (got {getattr(shape, name)})" for name in DROPOUTS
+                   if not 0 <= getattr(shape, name) < 1]
         if shape.n_head > 0 and shape.n_embd % shape.n_head:
             errors.append(f"--n_embd ({shape.n_embd}) must be divisible by --n_head ({shape.n_head})")
         return errors + upper_limit_problems(shape, {"n_layer": 1024, "n_embd": 1 << 16, "n_head": 1024})
@@ -92,7 +101,7 @@ def build_model(shape: GPT2Shape, vocab_size: int, block_size: int, eos: int, fu
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=shape.n_embd, n_layer=shape.n_layer,
-                        n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos,
+                        n_head=shape.n_head, **{name: getattr(shape, name) for name in DROPOUTS}, bos_token_id=eos,
                         eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
                         activation_function="gelu_pytorch_tanh" if fused_gelu else "gelu_new")
     return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")

@@ -74,14 +74,23 @@ class TrainConfig:
     head_lr: float | None = setting(None, "peak AdamW learning rate of untied output heads (default: learning_rate)")
     scalar_lr: float | None = setting(None, "peak AdamW learning rate of gains and biases (default: learning_rate)")
     muon_lr: float = setting(0.02, "peak Muon learning rate (--optimizer muon)")
-    muon_momentum: float = setting(0.95, "Muon momentum (Nesterov)")
-    muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay")
+    muon_momentum: float = setting(0.95, "Muon momentum (Nesterov); the value after --muon_momentum_warmup_steps")
+    muon_momentum_warmup_steps: int = setting(
+        0, "steps over which Muon's momentum rises linearly from --muon_momentum_start to --muon_momentum (0 = off)")
+    muon_momentum_start: float = setting(0.85, "Muon's momentum at step 0 of --muon_momentum_warmup_steps")
+    muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay: each step multiplies the hidden matrices "
+                                            "by 1 - lr * decay")
     schedule: Literal["cosine", "wsd"] = setting(
         "cosine", "after warmup: cosine decay, or wsd (warmup-stable-decay: flat, then a linear decay)")
     decay_fraction: float = setting(0.2, "wsd: the share of the steps spent decaying at the end")
-    min_lr_ratio: float = setting(0.1, "the schedule decays to peak * min_lr_ratio")
+    min_lr_ratio: float = setting(0.1, "the schedule decays to peak * min_lr_ratio, reached at the last step "
+                                       "(0: the last step runs at 0)")
     warmup_steps: int = setting(200, "linear warmup steps")
-    weight_decay: float = setting(0.1, "AdamW weight decay on matrices and embeddings")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay of matrices and embeddings (each step "
+                                       "multiplies them by 1 - lr * decay)")
+    head_weight_decay: float | None = setting(
+        None, "AdamW decoupled weight decay of untied output heads (default: weight_decay)")
+    scalar_weight_decay: float = setting(0.0, "AdamW decoupled weight decay of gains and biases")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "gradient-norm clip (0 = off)")
@@ -123,17 +132,17 @@ class TrainConfig:
                    "save_interval", "eval_windows", "keep_checkpoints", "vocab_size", "max_bad_steps")
                   if getattr(self, name) <= 0]
         errors += [f"--{name} must be >= 0 (got {getattr(self, name)})" for name in
-                   ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "early_stop_patience")
-                   if getattr(self, name) < 0]
+                   ("max_steps", "warmup_steps", "weight_decay", "head_weight_decay", "scalar_weight_decay",
+                    "muon_weight_decay", "grad_clip", "early_stop_patience", "muon_momentum_warmup_steps")
+                   if getattr(self, name) is not None and getattr(self, name) < 0]
         if self.num_epochs <= 0:  # checked even when --max_steps makes it unused
             errors.append(f"--num_epochs must be > 0 (got {self.num_epochs})")
         errors += [f"--{name} must be > 0 (got {getattr(self, name)})"
                    for name in ("learning_rate", "muon_lr", "head_lr", "scalar_lr")
                    if getattr(self, name) is not None and not getattr(self, name) > 0]
-        errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})" for name in ("muon_momentum",)
-                   if not 0 <= getattr(self, name) < 1]
-        if self.muon_weight_decay < 0:
-            errors.append(f"--muon_weight_decay must be >= 0 (got {self.muon_weight_decay})")
+        errors += [f"--{name} must be in [0, 1) (got {getattr(self, name)})"
+                   for name in ("muon_momentum", "muon_momentum_start") if not 0 <= getattr(self, name) < 1]
+        errors += decay_factor_problems(self)
         if not 0 < self.decay_fraction <= 1:
             errors.append(f"--decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -152,10 +161,30 @@ MIN_VOCAB = 257
 # Upper limits: past these a run cannot work on any machine (or a number is a typo).
 TRAIN_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 16, "batch_size": 1 << 16,
                 "gradient_accumulation_steps": 1 << 16, "num_epochs": 1e6, "max_steps": 10 ** 9,
-                "learning_rate": 1.0, "head_lr": 1.0, "scalar_lr": 1.0, "muon_lr": 10.0, "muon_weight_decay": 1.0,
-                "warmup_steps": 10 ** 9, "weight_decay": 1.0, "grad_clip": 1e6,
+                "learning_rate": 1.0, "head_lr": 1.0, "scalar_lr": 1.0, "muon_lr": 10.0, "muon_weight_decay": 100.0,
+                "muon_momentum_warmup_steps": 10 ** 9, "warmup_steps": 10 ** 9, "weight_decay": 100.0,
+                "head_weight_decay": 100.0, "scalar_weight_decay": 100.0, "grad_clip": 1e6,
                 "log_interval": 10 ** 9, "eval_interval": 10 ** 9, "eval_windows": 10 ** 6, "save_interval": 10 ** 9,
                 "keep_checkpoints": 10 ** 4, "max_bad_steps": 10 ** 6, "early_stop_patience": 10 ** 6}
+
+
+def decay_factor_problems(cfg: TrainConfig) -> list[str]:
+    """Decoupled weight decay multiplies a group's weights by 1 - peak lr * decay each step: at a
+    product of 1 or more that factor reaches 0 or flips the sign. One message per such group,
+    naming the two flags in effect for it (a group's own flag, else the one it falls back to)."""
+    def chosen(own: str, fallback: str) -> str:
+        return own if getattr(cfg, own) is not None else fallback
+
+    pairs = [("muon_lr", "muon_weight_decay"), ("learning_rate", "weight_decay"),
+             (chosen("head_lr", "learning_rate"), chosen("head_weight_decay", "weight_decay")),
+             (chosen("scalar_lr", "learning_rate"), "scalar_weight_decay")]
+    errors = []
+    for lr, decay in dict.fromkeys(pairs):  # the head's pair may be the matrices' own
+        product = getattr(cfg, lr) * getattr(cfg, decay)
+        if product >= 1:
+            errors.append(f"--{lr} x --{decay} must be < 1 (got {getattr(cfg, lr)} x {getattr(cfg, decay)} = "
+                          f"{product:g}): each step multiplies the weights by 1 - lr x decay")
+    return errors
 
 
 def upper_limit_problems(owner, limits: dict[str, float]) -> list[str]:

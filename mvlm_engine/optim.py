@@ -1,13 +1,24 @@
 """Optimizers and the learning-rate schedule.
 
---optimizer adamw: AdamW on every parameter (weight decay on matrices and embeddings only).
+--optimizer adamw: AdamW on every parameter, in three groups (below).
 --optimizer muon:  torch.optim.Muon on the hidden matrices (the weights of nn.Linear layers
                    that are neither tied to an embedding nor an output head) and AdamW on the
                    rest: embeddings, output heads, gains and biases, bare parameters such as
-                   learned memory slots. Each group has its own peak learning rate.
+                   learned memory slots.
+
+Each group has its own peak learning rate and its own decoupled weight decay (a step multiplies
+the group's weights by 1 - lr * decay, torch's AdamW and Muon alike):
+
+    group                                   peak lr          decay
+    Muon: hidden matrices                   muon_lr          muon_weight_decay
+    AdamW: untied output heads              head_lr          head_weight_decay (default: weight_decay)
+    AdamW: embeddings, other matrices       learning_rate    weight_decay
+    AdamW: gains, biases (1-D)              scalar_lr        scalar_weight_decay
 
 The schedule is a pure function of the step that returns a factor in [0, 1]; every parameter
 group's learning rate is its own peak times that factor, so one schedule drives all groups.
+Muon's momentum may warm up too (muon_momentum_at), also a pure function of the step, so a
+resumed run sets exactly what the uninterrupted one did.
 """
 from __future__ import annotations
 
@@ -27,22 +38,35 @@ log = get_logger("train")
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, schedule: str = "cosine",
               decay_fraction: float = 0.2) -> float:
-    """Linear warmup from 0 to 1, then
-    cosine: cosine decay to min_lr_ratio at total_steps;
-    wsd:    warmup-stable-decay, flat at 1 until the last decay_fraction of the steps, then
-            linear decay to min_lr_ratio (the "trapezoid")."""
+    """The learning-rate factor of optimizer step `step` (0-based) of a run of total_steps steps.
+
+    Each step runs at the schedule's value at the end of that step, step + 1: warmup's first step
+    at 1 / warmup_steps and its last at 1, and the run's last step, total_steps - 1, at exactly
+    min_lr_ratio (so --min_lr_ratio 0 anneals to 0 within the run). After warmup:
+    cosine: cosine decay from 1 to min_lr_ratio;
+    wsd:    warmup-stable-decay, flat at 1 until the last decay_fraction of the steps, then a
+            linear decay to min_lr_ratio (the "trapezoid").
+    Steps at or past total_steps stay at min_lr_ratio. A warmup as long as the run never decays."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if step >= total_steps:
+    if step >= total_steps - 1:
         return min_lr_ratio
     if schedule == "wsd":
         decay_start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))
         if step < decay_start:
             return 1.0
-        progress = (step - decay_start) / max(1, total_steps - decay_start)
+        progress = (step + 1 - decay_start) / (total_steps - decay_start)
         return 1.0 - progress * (1.0 - min_lr_ratio)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step + 1 - warmup_steps) / (total_steps - warmup_steps)
     return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
+
+
+def muon_momentum_at(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Muon's momentum at optimizer step `step`: linear from `start` at step 0 to `end` at
+    warmup_steps, then `end` (modded-nanogpt's warmup, 0.85 to 0.95); warmup_steps 0: `end` throughout."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
 
 
 # --------------------------------------------------------------------------- parameter groups
@@ -70,14 +94,16 @@ def output_heads(module: nn.Module) -> list[nn.Parameter]:
 
 
 def adamw_groups(params: list[nn.Parameter], heads: list[nn.Parameter], cfg) -> list[dict]:
-    """AdamW groups, each with its peak learning rate: output heads (head_lr), other matrices and
-    embeddings (learning_rate, with weight decay), gains and biases (scalar_lr, no decay)."""
+    """AdamW groups, each with its peak learning rate and decoupled weight decay: output heads
+    (head_lr, head_weight_decay), other matrices and embeddings (learning_rate, weight_decay),
+    gains and biases (scalar_lr, scalar_weight_decay)."""
     in_heads = {id(p) for p in heads}
-    groups = [{"params": [p for p in params if id(p) in in_heads], "weight_decay": cfg.weight_decay,
+    head_decay = cfg.weight_decay if cfg.head_weight_decay is None else cfg.head_weight_decay
+    groups = [{"params": [p for p in params if id(p) in in_heads], "weight_decay": head_decay,
                "peak_lr": cfg.head_lr or cfg.learning_rate},
               {"params": [p for p in params if p.dim() >= 2 and id(p) not in in_heads],
                "weight_decay": cfg.weight_decay, "peak_lr": cfg.learning_rate},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": cfg.scalar_weight_decay,
                "peak_lr": cfg.scalar_lr or cfg.learning_rate}]
     return [g for g in groups if g["params"]]
 
@@ -125,9 +151,9 @@ def build_optimizer(module: nn.Module, cfg, device: torch.device):
     in_muon = {id(p) for p in matrices}
     if device.type == "cpu":
         use_fp32_newton_schulz_on_cpu()
-    muon = torch.optim.Muon([{"params": matrices, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
-                            momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, nesterov=True,
-                            adjust_lr_fn="original")
+    group = {"params": matrices, "peak_lr": cfg.muon_lr, "momentum_warmup": True}  # apply_schedule sets both
+    muon = torch.optim.Muon([group], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+                            nesterov=True, adjust_lr_fn="original")
     rest = [p for p in params if id(p) not in in_muon]
     adamw = torch.optim.AdamW(adamw_groups(rest, heads, cfg), lr=cfg.learning_rate, **adamw_options)
     return OptimizerSet([muon, adamw])
@@ -136,6 +162,18 @@ def build_optimizer(module: nn.Module, cfg, device: torch.device):
 def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * factor
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, cfg, step: int, total_steps: int) -> float:
+    """Set what the schedule gives optimizer step `step`: every group's learning rate (its peak
+    times lr_factor) and, on the Muon group, the momentum (muon_momentum_at). Returns the factor."""
+    factor = lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
+    set_learning_rates(optimizer, factor)
+    momentum = muon_momentum_at(step, cfg.muon_momentum_warmup_steps, cfg.muon_momentum_start, cfg.muon_momentum)
+    for group in optimizer.param_groups:
+        if group.get("momentum_warmup"):
+            group["momentum"] = momentum
+    return factor
 
 
 def optimizers_of(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:

@@ -35,7 +35,7 @@ from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, s
 from .guard import StepGuard
 from .logs import get_logger
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
-from .optim import build_optimizer, lr_factor, optimizers_of, set_learning_rates
+from .optim import apply_schedule, build_optimizer, optimizers_of
 from .packaging import MODEL_MANIFEST, write_model_manifest
 from .prefetch import with_prefetch
 from .runtime import Runtime
@@ -153,7 +153,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
 def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData) -> Run:
     """Build the optimizer and bookkeeping; resume from a checkpoint or start fresh; wrap the model."""
     task = with_prefetch(task, cfg.prefetch_batches, runtime.device)
-    objective = task.objective.to(runtime.device)
+    objective = task.objective.to(runtime.device).train()  # dropout on; evaluation switches it off and back
     run = Run(cfg, task, runtime, data, optimizer=build_optimizer(objective, cfg, runtime.device),
               scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
               total_steps=total_steps(cfg, task.batches.micro_batches_per_epoch()),
@@ -227,8 +227,7 @@ def wrap_model(run: Run) -> None:
 def optimizer_step(run: Run, stop: StopSignal) -> StepResult:
     """Accumulate gradients over the micro-batches, clip, and step (or skip a non-finite step)."""
     cfg, step = run.cfg, run.state["step"]
-    factor = lr_factor(step, cfg.warmup_steps, run.total_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
-    set_learning_rates(run.optimizer, factor)
+    factor = apply_schedule(run.optimizer, cfg, step, run.total_steps)
     loss, terms = accumulate_gradients(run)
     for optimizer in optimizers_of(run.optimizer):
         run.scaler.unscale_(optimizer)

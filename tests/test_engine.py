@@ -16,20 +16,20 @@ from mvlm_engine.shards import prepare_token_data
 from mvlm_engine.trainer import TrainingTask, fit
 
 
-def test_schedule_warms_up_then_decays_to_the_floor():
+def test_schedule_warms_up_then_decays_to_the_floor_at_the_last_step():
     lrs = [1e-3 * lr_factor(s, 10, 100, 0.1) for s in range(120)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))  # cosine only goes down
-    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 0.9e-3)  # halfway through the decay
-    assert lrs[100] == lrs[119] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[9:99], lrs[10:100]))  # cosine only goes down
+    assert lrs[54] == pytest.approx(1e-4 + 0.5 * 0.9e-3)  # halfway through the decay: the end of step 54
+    assert lrs[99] == lrs[100] == lrs[119] == pytest.approx(1e-4)  # step 99 is the run's last
 
 
 def test_wsd_schedule_is_flat_then_decays_linearly_to_the_floor():
     factors = [lr_factor(s, 10, 100, 0.1, "wsd", decay_fraction=0.2) for s in range(100)]
     assert factors[9] == 1.0 and set(factors[10:80]) == {1.0}  # stable until the last 20% of the steps
-    assert factors[80] == pytest.approx(1.0) and factors[90] == pytest.approx(0.55)
-    assert all(a > b for a, b in zip(factors[80:99], factors[81:100]))
-    assert lr_factor(100, 10, 100, 0.1, "wsd") == pytest.approx(0.1)
+    assert factors[80] == pytest.approx(1 - 0.9 / 20) and factors[89] == pytest.approx(0.55)
+    assert all(a > b for a, b in zip(factors[79:99], factors[80:100]))
+    assert factors[99] == lr_factor(100, 10, 100, 0.1, "wsd") == pytest.approx(0.1)
 
 
 class TinyLM(torch.nn.Module):

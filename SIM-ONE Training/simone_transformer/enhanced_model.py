@@ -14,7 +14,8 @@ governance mechanisms, each a config switch:
 
 Training-recipe switches (QK-norm, zero-init projections and head, logit soft-cap, value residual
 or value embeddings, ReLU^2 MLP, x0 mixing, U-net skips; see SimOneConfig) come from
-modded-nanogpt. The defaults are the recipe measured in RESULTS.md: of these pieces only the
+modded-nanogpt; dropout on the residual branches and on attention (`dropout`, `attention_dropout`)
+acts in training only. The defaults are the recipe measured in RESULTS.md: of these pieces only the
 untied zero-initialised head is on (the others showed no gain beyond the seed spread). With
 everything `llama_incompatible_features` lists off, the model is numerically a Llama model (same
 parameter names, see export_llama.py). Reads top to bottom: config, block, model, trace helpers.
@@ -76,6 +77,11 @@ class SimOneConfig:
     mlp: str = _setting("swiglu", "swiglu (Llama) | relu2: down(relu(up(x))^2)")
     x0_mix: bool = _setting(False, "each block starts from a * x + b * x0 (x0: the embedded input), learned")
     unet_skips: bool = _setting(False, "layer L-1-i adds w_i * (output of layer i) for i < L // 2, learned")
+    # Regularisation, active in module.train() only: evaluation, generation and exports compute the
+    # same with any value, so these are no architecture pieces (LLAMA_VALUES has no entry for them).
+    dropout: float = _setting(0.0, "dropout on each residual branch's output (attention after o_proj, MLP after "
+                                   "down_proj), training only")
+    attention_dropout: float = _setting(0.0, "dropout on the attention probabilities, training only")
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -108,6 +114,9 @@ class SimOneConfig:
             raise ValueError(f"mlp must be one of {MLP_TYPES}, got {self.mlp!r}")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.value_residual and self.value_embeddings:
             raise ValueError("value_residual and value_embeddings are alternatives: switch on one of them")
 
@@ -149,6 +158,10 @@ LLAMA_VALUES = {"policy_gate": False, "memory_tokens": 0, "qk_norm": False, "log
                 "unet_skips": False}
 
 
+# Fields that change training only: a folder saved before they existed loads with their defaults.
+TRAINING_ONLY = ("dropout", "attention_dropout")
+
+
 def llama_incompatible_features(config: SimOneConfig) -> list[str]:
     """The switched-on pieces a stock Llama checkpoint cannot express, as "field=value"
     (empty: the model exports to LlamaForCausalLM as it is). The single list an exporter
@@ -171,9 +184,13 @@ class Block(nn.Module):
             config.d_model, config.n_heads, config.n_kv_heads, layer_idx,
             policy_gate=config.policy_gate, attention_backend=config.attention_backend,
             qk_norm=config.qk_norm, norm_eps=config.norm_eps, value_mix=value_mix,
+            attention_dropout=config.attention_dropout,
         )
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLPS[config.mlp](config.d_model, config.ffn_hidden_dim)
+        # On both branches' outputs before they join the residual stream (GPT-2's resid_pdrop);
+        # the identity in eval mode and at p = 0 (no random numbers drawn).
+        self.residual_dropout = nn.Dropout(config.dropout)
         # (a, b) of a * x + b * x0: starts as the plain residual stream (a=1, b=0).
         self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
@@ -185,8 +202,8 @@ class Block(nn.Module):
             x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
         h, values = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask, n_memory, record,
                                    value_extra)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), values
+        x = x + self.residual_dropout(h)
+        return x + self.residual_dropout(self.mlp(self.post_attention_layernorm(x))), values
 
 
 @dataclass

@@ -38,7 +38,7 @@ try:  # the transformers 5 name; 4.x has only PretrainedConfig
 except ImportError:
     from transformers import PretrainedConfig as PreTrainedConfig
 
-from .enhanced_model import SimOneConfig, SimOneModel, concat_traces
+from .enhanced_model import TRAINING_ONLY, SimOneConfig, SimOneModel, concat_traces
 
 # transformers 4.x copies into its module cache only the files this module imports itself:
 # name every sibling here so that enhanced_model's own imports resolve there.
@@ -229,10 +229,10 @@ def load_config(model_dir: str | Path) -> SimOneConfig:
     if raw.get("model_type") != "simone":
         raise ValueError(f"{path} is not a SIM-ONE config (model_type={raw.get('model_type')!r})")
     names = [f.name for f in fields(SimOneConfig)]
-    missing = [n for n in names if n not in raw]
+    missing = [n for n in names if n not in raw and n not in TRAINING_ONLY]
     if missing:
         raise ValueError(f"{path} lacks SIM-ONE fields: {', '.join(missing)}")
-    return SimOneConfig.from_dict({n: raw[n] for n in names})
+    return SimOneConfig.from_dict({n: raw[n] for n in names if n in raw})
 
 
 def load_native(model_dir: str | Path, device: str | torch.device = "cpu") -> SimOneModel:

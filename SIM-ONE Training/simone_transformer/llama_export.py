@@ -15,7 +15,9 @@ __all__ = ["llama_config", "llama_incompatible_features", "to_llama"]
 
 
 def llama_config(config: SimOneConfig, special_ids: dict | None = None):
-    """The LlamaConfig that computes exactly what `config` does."""
+    """The LlamaConfig that computes exactly what `config` does. Attention dropout carries over
+    (Llama has it; fine-tuning the export drops as training did); residual dropout, which Llama
+    lacks, acts in training only, so inference is the same without it."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -24,7 +26,7 @@ def llama_config(config: SimOneConfig, special_ids: dict | None = None):
         head_dim=config.head_dim, max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         tie_word_embeddings=config.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        initializer_range=config.init_std, **(special_ids or {}))
+        initializer_range=config.init_std, attention_dropout=config.attention_dropout, **(special_ids or {}))
 
 
 def to_llama(config: SimOneConfig, native_state: dict[str, torch.Tensor], special_ids: dict | None = None):

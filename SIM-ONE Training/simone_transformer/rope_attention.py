@@ -25,6 +25,9 @@ residual, Zhou et al. 2024, arXiv 2410.17897) or a per-token learned vector (val
 embeddings, modded-nanogpt). Mixed values are what the KV cache stores, so cached decoding
 needs e only for the new tokens.
 
+Attention dropout (`attention_dropout`) drops attention probabilities in training only (SDPA's
+and flash-attn's dropout_p); in eval mode it is 0, so evaluation and generation are exact.
+
 Imports only torch (and optionally flash_attn): see modern_layers.py for why.
 """
 from __future__ import annotations
@@ -101,6 +104,7 @@ class CausalSelfAttention(nn.Module):
         qk_norm: bool = False,
         norm_eps: float = 1e-5,
         value_mix: bool = False,
+        attention_dropout: float = 0.0,
     ):
         super().__init__()
         self.n_heads = n_heads
@@ -118,6 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.value_lambda = nn.Parameter(torch.full((), 0.5)) if value_mix else None
+        self.attention_dropout = attention_dropout  # on the attention probabilities, in training only
 
     def forward(
         self,
@@ -173,24 +178,26 @@ class CausalSelfAttention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, H, T, hd), k/v (B, KV, S, hd) with S = start + T -> (B, T, H, hd)."""
         T = q.shape[2]
+        p = self.attention_dropout if self.training else 0.0
         if mask is None and resolve_attention_backend(self.attention_backend, q.device, q.dtype) == "flash":
             # flash-attn wants (B, S, heads, hd), handles GQA itself, and aligns the
             # causal mask bottom-right, which is what a cached prefix needs.
-            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
 
         gqa = self.n_kv_heads != self.n_heads
         if mask is not None:  # a padded batch
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         elif start == 0:
             # Whole sequence (memory tokens, if any, are its first positions): plain causal. A constant
             # is_causal (not T > 1) keeps the sequence length symbolic for torch.export / ONNX.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
         elif T == 1:
             # One new token sees every cached position: no mask at all.
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
         else:
             # A chunk after a cached prefix: SDPA's is_causal aligns top-left, so mask explicitly.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start, q.device), enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start, q.device), dropout_p=p,
+                                               enable_gqa=gqa)
         return y.transpose(1, 2)  # (B, H, T, hd) -> (B, T, H, hd)
 
     @torch.no_grad()

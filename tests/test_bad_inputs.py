@@ -231,7 +231,16 @@ TRAINER_CASES = [
     ("lr_zero", lambda ws: ["--learning_rate", "0"], "--learning_rate must be > 0"),
     ("wd_nan", lambda ws: ["--weight_decay", "nan"], "--weight_decay must be a finite number"),
     ("wd_negative", lambda ws: ["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
-    ("wd_huge", lambda ws: ["--weight_decay", "50"], "--weight_decay must be <= 1"),
+    ("wd_huge", lambda ws: ["--weight_decay", "500"], "--weight_decay must be <= 100"),
+    ("wd_flips_weights", lambda ws: ["--learning_rate", "0.5", "--weight_decay", "2"],
+     "--learning_rate x --weight_decay must be < 1"),
+    ("muon_wd_flips_weights", lambda ws: ["--muon_lr", "0.5", "--muon_weight_decay", "3"],
+     "--muon_lr x --muon_weight_decay must be < 1"),
+    ("scalar_wd_negative", lambda ws: ["--scalar_weight_decay", "-1"], "--scalar_weight_decay must be >= 0"),
+    ("head_wd_huge", lambda ws: ["--head_weight_decay", "1e9"], "--head_weight_decay must be <= 100"),
+    ("momentum_start_one", lambda ws: ["--muon_momentum_start", "1"], "--muon_momentum_start must be in [0, 1)"),
+    ("momentum_warmup_negative", lambda ws: ["--muon_momentum_warmup_steps", "-1"],
+     "--muon_momentum_warmup_steps must be >= 0"),
     ("clip_nan", lambda ws: ["--grad_clip", "nan"], "--grad_clip must be a finite number"),
     ("clip_negative", lambda ws: ["--grad_clip", "-1"], "--grad_clip must be >= 0"),
     ("epochs_inf", lambda ws: ["--num_epochs", "inf"], "--num_epochs must be a finite number"),
@@ -283,6 +292,8 @@ GPT2_ONLY = [
     ("layers_zero", lambda ws: ["--n_layer", "0"], "--n_layer must be > 0"),
     ("width_huge", lambda ws: ["--n_embd", "1000000", "--n_head", "1"], "--n_embd must be <="),
     ("heads_indivisible", lambda ws: ["--n_embd", "100", "--n_head", "3"], "must be divisible by --n_head"),
+    ("resid_pdrop_one", lambda ws: ["--resid_pdrop", "1"], "--resid_pdrop must be in [0, 1)"),
+    ("attn_pdrop_negative", lambda ws: ["--attn_pdrop", "-0.1"], "--attn_pdrop must be in [0, 1)"),
     ("config_nested", lambda ws: ["--config", str(ws.configs.nested)], "--n_layer must be > 0"),
 ] + [(f"resume_{name}", lambda ws, name=name: resume(ws.damaged[name], 150, 75), needle) for name, needle in [
     ("state_no_rng", "'rng' is missing"), ("state_edited_step", "'step' is 149 in the folder of step 150"),
@@ -309,6 +320,8 @@ SIMONE_ONLY = [
     ("softcap_negative", lambda ws: ["--logit_softcap", "-1"], "logit_softcap must be >= 0"),
     ("softcap_huge", lambda ws: ["--logit_softcap", "1e30"], "--logit_softcap must be <="),
     ("mlp_unknown", lambda ws: ["--mlp", "gelu"], "mlp must be one of"),
+    ("dropout_one", lambda ws: ["--dropout", "1"], "dropout must be in [0, 1)"),
+    ("attention_dropout_nan", lambda ws: ["--attention_dropout", "nan"], "--attention_dropout must be a finite number"),
 ] + [(f"resume_{name}", lambda ws, name=name: resume(ws.simone_damaged[name], 80, 40), needle)
      for name, needle in [("state_no_rng", "'rng' is missing"), ("optimizer_garbage", "corrupt")]] + [
     # The fixture run's losses again (its t+2 head is in the checkpoint), with another optimizer.

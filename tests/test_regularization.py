@@ -291,7 +291,8 @@ def test_each_setting_is_a_flag_and_a_saved_value_where_it_applies(capsys):
 @pytest.mark.e2e
 def test_resume_is_exact_with_dropout_decay_and_the_momentum_warmup(small_corpus, tmp_path):
     recipe = ["--dropout", 0.1, "--attention_dropout", 0.1, "--muon_weight_decay", 0.5, "--weight_decay", 0.2,
-              "--scalar_weight_decay", 0.1, "--muon_momentum_warmup_steps", 12, "--min_lr_ratio", 0]
+              "--scalar_weight_decay", 0.1, "--muon_momentum_warmup_steps", 12, "--min_lr_ratio", 0,
+              "--warmup_steps", 4]
     common = ["--batch_size", 8, "--max_steps", 16, "--save_interval", 8, "--eval_interval", 8, "--log_interval", 4,
               "--keep_checkpoints", 5, *recipe]
 

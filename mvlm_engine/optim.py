@@ -151,9 +151,9 @@ def build_optimizer(module: nn.Module, cfg, device: torch.device):
     in_muon = {id(p) for p in matrices}
     if device.type == "cpu":
         use_fp32_newton_schulz_on_cpu()
-    group = {"params": matrices, "peak_lr": cfg.muon_lr, "momentum_warmup": True}  # apply_schedule sets both
-    muon = torch.optim.Muon([group], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
-                            nesterov=True, adjust_lr_fn="original")
+    muon = torch.optim.Muon([{"params": matrices, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+                            momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, nesterov=True,
+                            adjust_lr_fn="original")
     rest = [p for p in params if id(p) not in in_muon]
     adamw = torch.optim.AdamW(adamw_groups(rest, heads, cfg), lr=cfg.learning_rate, **adamw_options)
     return OptimizerSet([muon, adamw])
@@ -166,12 +166,13 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 def apply_schedule(optimizer: torch.optim.Optimizer, cfg, step: int, total_steps: int) -> float:
     """Set what the schedule gives optimizer step `step`: every group's learning rate (its peak
-    times lr_factor) and, on the Muon group, the momentum (muon_momentum_at). Returns the factor."""
+    times lr_factor) and the momentum of every group that has one, Muon's (muon_momentum_at;
+    AdamW's groups have betas instead). Returns the factor."""
     factor = lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
     set_learning_rates(optimizer, factor)
     momentum = muon_momentum_at(step, cfg.muon_momentum_warmup_steps, cfg.muon_momentum_start, cfg.muon_momentum)
     for group in optimizer.param_groups:
-        if group.get("momentum_warmup"):
+        if "momentum" in group:
             group["momentum"] = momentum
     return factor
 

@@ -67,7 +67,8 @@ def test_without_new_flags_the_groups_decay_as_before():
 def test_the_fields_decay_values_fit_and_a_flipping_factor_is_named_in_one_line():
     assert TrainConfig(optimizer="muon", muon_lr=0.04, muon_weight_decay=1.6, weight_decay=0.8).problems() == []
     assert TrainConfig(weight_decay=100.0, learning_rate=1e-3).problems() == []
-    assert TrainConfig(weight_decay=101.0, learning_rate=1e-3).problems() == ["--weight_decay must be <= 100 (got 101.0)"]
+    assert TrainConfig(weight_decay=101.0, learning_rate=1e-3).problems() == [
+        "--weight_decay must be <= 100 (got 101.0)"]
     flipping = TrainConfig(muon_lr=0.5, muon_weight_decay=3.0).problems()
     assert len(flipping) == 1 and flipping[0].startswith("--muon_lr x --muon_weight_decay must be < 1 (got 0.5 x 3.0")
     # A group without a flag of its own is named by the flag it falls back to.
@@ -302,7 +303,8 @@ def test_resume_is_exact_with_dropout_decay_and_the_momentum_warmup(small_corpus
     full = run_script(*args(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     saved = json.loads((tmp_path / "full" / "train_config.json").read_text())
-    assert (saved["model"]["dropout"], saved["muon_momentum_warmup_steps"], saved["scalar_weight_decay"]) == (0.1, 12, 0.1)
+    saved_values = saved["model"]["dropout"], saved["muon_momentum_warmup_steps"], saved["scalar_weight_decay"]
+    assert saved_values == (0.1, 12, 0.1)
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_000008", resumed_dir / "step_000008")

@@ -67,7 +67,8 @@ class SlowrunSettings:
     jobs: int = setting(0, "runs trained at once, one thread each (0: all of them)")
     data_dir: str = setting("mvlm_training_dataset_complete", "the full corpus (built if missing); the proxy's "
                                                               "slice is cut out of its verses.jsonl", path=True)
-    output_dir: str = setting("runs/slowrun", "where the proxy corpus, the runs, logs and slowrun.json go", path=True)
+    proxy_dir: str = setting("runs/slowrun_corpus", "the proxy corpus (built once, shared by every slowrun)", path=True)
+    output_dir: str = setting("runs/slowrun", "where the runs, logs and slowrun.json go", path=True)
 
     def problems(self) -> list[str]:
         errors = [f"--{n} must be > 0 (got {getattr(self, n)})"
@@ -82,15 +83,17 @@ class SlowrunSettings:
 
 
 def build_proxy_corpus(settings: SlowrunSettings) -> Path:
-    """The training books and held-out books in every translation, cut out of the full corpus."""
+    """The training books and held-out books in every translation, cut out of the full corpus
+    (rebuilt when the folder holds another slice)."""
     import subprocess
-    source = Path(settings.data_dir)
+    source, out = Path(settings.data_dir), Path(settings.proxy_dir)
     ensure_corpus(source)
-    out = Path(settings.output_dir) / "corpus"
-    if not (out / "manifest.json").is_file():
+    books = TRAIN_BOOKS + HELD_OUT_BOOKS
+    manifest = out / "manifest.json"
+    if not manifest.is_file() or {f["book"] for f in json.loads(manifest.read_text())["files"]} != set(books):
         subprocess.run([sys.executable, str(REPO / "mvlm_training_dataset_complete" / "prepare.py"), "--from_verses",
-                        str(source / "verses.jsonl"), "--output_dir", str(out), "--books",
-                        ",".join(TRAIN_BOOKS + HELD_OUT_BOOKS)], check=True, stdout=subprocess.DEVNULL)
+                        str(source / "verses.jsonl"), "--output_dir", str(out), "--books", ",".join(books)],
+                       check=True, stdout=subprocess.DEVNULL)
     return out
 
 

@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "beside it; needs no pythonbible (for machines without it, e.g. a GPU box)")
     parser.add_argument("--books", default="all",
                         help="comma-separated book names to limit the build (e.g. Ruth,John,Philippians); "
-                             "'all' by default")
+                             "'all' by default; with --from_verses, a slice of that build (the held-out books "
+                             "among them stay held out)")
     return parser.parse_args(argv)
 
 
@@ -193,6 +194,27 @@ def verses_source(path: Path):
         raise UserError(f"{path} holds no verses")
     manifest.update(heldout_books=heldout, source=source)
     return [(code, titles[code], by_book) for code, by_book in grouped.items()], book_numbers, manifest
+
+
+def select_from_verses(args: argparse.Namespace, translations: list, book_numbers: dict[str, int]):
+    """--translations and --books applied to an earlier build's verses, checked against what it
+    holds (every problem in one error): (the translations kept, their books filtered; the book
+    names kept, None for all)."""
+    errors = []
+    codes = [code for code, _, _ in translations]
+    if args.translations not in ("default", "all"):
+        keep = set(pick_names(args.translations, {code.lower(): code for code in codes}, "--translations",
+                              f"the verses hold: {', '.join(codes)}", errors))
+        translations = [t for t in translations if t[0] in keep]
+    books = None
+    if args.books != "all":
+        books = set(pick_names(args.books, {book.lower(): book for book in book_numbers}, "--books",
+                               "use names like 'John', '1 Samuel', as the verses' manifest spells them", errors))
+    fail(errors)
+    if books is not None:
+        translations = [(code, title, {b: v for b, v in by_book.items() if b in books})
+                        for code, title, by_book in translations]
+    return translations, books
 
 
 def verse_record(line: str, titles: dict, book_numbers: dict, where: str) -> tuple[str, str, tuple]:
@@ -318,7 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_verses:
         fail([p for p in [folder_problem(out, "--output_dir")] if p])
         translations, book_numbers, earlier = verses_source(args.from_verses.resolve())
-        heldout, source = earlier["heldout_books"], earlier["source"]
+        translations, books = select_from_verses(args, translations, book_numbers)
+        heldout = [b for b in earlier["heldout_books"] if books is None or b in books]
+        source = earlier["source"]
     else:
         import pythonbible
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import PREPARE, SMALL_BOOKS, assert_one_line_error, run_script
+from conftest import PREPARE, SMALL_BOOKS, assert_one_line_error, run_ok, run_script
 from mvlm_engine.corpus import load_corpus
 from mvlm_engine.errors import UserError
 
@@ -172,3 +172,22 @@ def test_rebuild_from_compressed_verses_needs_no_pythonbible_and_matches(small_c
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "rebuilt" / "manifest.json").read_bytes() == (small_corpus / "manifest.json").read_bytes()
     assert (tmp_path / "rebuilt" / "verses.jsonl").read_bytes() == (small_corpus / "verses.jsonl").read_bytes()
+
+
+@pytest.mark.e2e
+def test_a_slice_rebuilt_from_verses_equals_the_same_slice_built_from_pythonbible(small_corpus, tmp_path):
+    # The CPU proxy (benchmarks/slowrun.py) cuts its slice out of verses.jsonl, where pythonbible may be absent.
+    direct = tmp_path / "direct"
+    run_ok(PREPARE, "--output_dir", direct, "--translations", "KJV,MONT", "--books", "John,Philippians")
+    sliced = tmp_path / "sliced"
+    run_ok(PREPARE, "--from_verses", small_corpus / "verses.jsonl", "--output_dir", sliced,
+           "--translations", "kjv,MONT", "--books", "john,Philippians")
+    for name in ("manifest.json", "verses.jsonl"):
+        assert (sliced / name).read_bytes() == (direct / name).read_bytes(), name
+    manifest = json.loads((sliced / "manifest.json").read_text())
+    assert manifest["heldout_books"] == ["Philippians"]
+    assert {f["book"] for f in manifest["files"]} == {"John", "Philippians"}
+    proc = run_script(PREPARE, "--from_verses", small_corpus / "verses.jsonl", "--output_dir", tmp_path / "bad",
+                      "--books", "John,Genesis", "--translations", "KJV,NOPE")
+    assert_one_line_error(proc, "unknown book 'Genesis'", "unknown translation 'NOPE'")
+    assert not (tmp_path / "bad").exists()

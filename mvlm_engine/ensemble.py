@@ -59,13 +59,19 @@ def model_folder_problem(folder: str | Path, flag: str) -> str | None:
 def load_member(folder: Path, device: torch.device, flag: str) -> torch.nn.Module:
     """One member, read-only: fp32, eval mode, no gradients, finite weights, on `device`."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the run's log, not a loading bar per member
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
                                                      use_safetensors=True)  # never a pickled .bin
     except Exception as err:  # noqa: BLE001  (transformers raises many types on a broken folder)
         first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"{flag} {folder}: the model does not load ({first_line})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     model.to(device).eval().requires_grad_(False)
     if non_finite_values(model):
         raise UserError(f"{flag} {folder} holds NaN or infinite weights; give a folder of a run that finished well")

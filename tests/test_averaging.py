@@ -223,3 +223,23 @@ def test_simone_resumes_exactly_with_an_average_and_exports_what_it_evaluated(sm
                               config["batch_size"])
     assert alone["val_bpb"] == pytest.approx(summary["final_val_bpb"], rel=1e-5, abs=0)
     assert alone["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5, abs=0)
+
+
+def test_ddp_keeps_the_average_of_the_same_global_batch(small_corpus, tmp_path):
+    """Two processes (gloo) average the parameters they agree on: rank 0's saved average is one process's."""
+    import os
+    import subprocess
+    import sys
+    common = ["--max_steps", 6, "--log_interval", 1, "--eval_interval", 6, "--save_interval", 6, "--ema_decay", 0.8]
+    conftest.run_ok(*conftest.tiny_args(conftest.GPT2_TRAINER, small_corpus, tmp_path / "one", *common,
+                                        "--batch_size", 8))
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                          *map(str, conftest.tiny_args(conftest.GPT2_TRAINER, small_corpus, tmp_path / "two", *common,
+                                                       "--batch_size", 4))],
+                         cwd=conftest.REPO, capture_output=True, text=True, timeout=conftest.TIMEOUT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / run / "checkpoints" / "step_000006" / AVERAGE_FILE)) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)

@@ -155,7 +155,7 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
 
 def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData) -> Run:
     """Build the optimizer and bookkeeping; resume from a checkpoint or start fresh; wrap the model."""
-    task = with_teachers(with_prefetch(task, cfg.prefetch_batches, runtime.device), cfg, runtime, data)
+    task = with_prefetch(task, cfg.prefetch_batches, runtime.device)
     objective = task.objective.to(runtime.device)
     run = Run(cfg, task, runtime, data, optimizer=build_optimizer(objective, cfg, runtime.device),
               scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
@@ -164,6 +164,7 @@ def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, dat
     run.history.data["config"] = run.checkpoint_config()
     run.guard = StepGuard(objective, run.optimizer)
     run.average = weight_average(objective, cfg.ema_decay, cfg.ema_start_step)
+    run.task = with_teachers(run.task, cfg, runtime, data)  # outside the prefetch: teachers run on this thread
     STOP.check("starting the training", "nothing new to save")
     if runtime.is_main:
         recover_interrupted_swaps(run.ckpt_root)  # under the output dir's lock: no other writer

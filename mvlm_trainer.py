@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from mvlm_engine import cli  # noqa: E402
 from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting, upper_limit_problems  # noqa: E402
 from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
+from mvlm_engine.distillation import TEACHER_LOG_PROBS, distillation_loss  # noqa: E402
 from mvlm_engine.fileio import plain_file_modes  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
@@ -111,30 +112,38 @@ def build_objective(cfg: GPT2RunConfig, vocab_size: int, eos: int) -> "CausalLMO
     """The training module of a run: its GPT-2 (seeded) under the next-token loss."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, vocab_size, cfg.block_size, eos, cfg.fused_layers)
-    return CausalLMObjective(model, cfg.chunked_loss)
+    return CausalLMObjective(model, cfg.chunked_loss, cfg.distill_weight, cfg.distill_temperature)
 
 
 class CausalLMObjective(torch.nn.Module):
     """Next-token cross-entropy on an HF GPT-2. chunked_loss: the body's hidden states go through
     the chunked cross-entropy over lm_head.weight (mvlm_engine.losses), so the (B, T, V) logits
-    are never held; otherwise the HF model's full logits and F.cross_entropy."""
+    are never held; otherwise the HF model's full logits and F.cross_entropy. A batch that
+    carries teachers' targets (--teachers) adds distill_weight * the distillation term, from
+    the full logits."""
 
-    def __init__(self, model: torch.nn.Module, chunked_loss: bool = True):
+    def __init__(self, model: torch.nn.Module, chunked_loss: bool = True, distill_weight: float = 0.0,
+                 distill_temperature: float = 1.0):
         super().__init__()
         self.model, self.chunked_loss = model, chunked_loss
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def forward(self, batch: dict):
-        labels = batch["labels"].flatten()
-        if self.chunked_loss:
+        labels, teacher = batch["labels"].flatten(), batch.get(TEACHER_LOG_PROBS)
+        if self.chunked_loss and teacher is None:
             hidden = self.model.transformer(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
             log_partition, target_logit = linear_log_partition(hidden.flatten(0, 1), self.model.lm_head.weight,
                                                                labels)
             return cross_entropy_from_log_partition(log_partition, target_logit), {}
         logits = self.logits(batch["input_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels), {}
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels)
+        if teacher is None:
+            return loss, {}
+        distill = distillation_loss(logits, teacher, self.distill_temperature)
+        return loss + self.distill_weight * distill, {"loss/accuracy": loss, "loss/distill": distill}
 
 
 def non_embedding_params(model) -> int:

@@ -7,6 +7,7 @@
     rng_state.pt          torch CPU and CUDA generator states
     trainer_state.json    step, data position, best validation loss, schedule, Python RNG
     config.json           the resolved configuration
+    averaged_weights.safetensors   with --ema_decay: the weight average (averaging.py), fp32
 The folder is filled under a temporary name, fsynced and renamed, so a folder with the final
 name is always complete. The last `keep` step folders and `best_model/` are kept.
 
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .averaging import AVERAGE_FILE, WeightAverage, saved_state_problem
 
 from .errors import TrainingDiverged, UserError
 from .fileio import ensure_free_space, fsync_dir, plain_file_modes, storage_errors
@@ -71,7 +74,12 @@ def state_bytes(module: torch.nn.Module, optimizer) -> int:
 
 def non_finite_values(module: torch.nn.Module) -> int:
     """How many weights (parameters and floating buffers) are NaN or infinite; 0 costs one pass."""
-    tensors = [t.detach() for t in module.state_dict().values() if t.is_floating_point() and t.numel()]
+    return non_finite_in(list(module.state_dict().values()))
+
+
+def non_finite_in(tensors: list[torch.Tensor]) -> int:
+    """How many values of the floating tensors in `tensors` are NaN or infinite; 0 costs one pass."""
+    tensors = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     if not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()):
         return 0
     return int(sum((~torch.isfinite(t)).sum().item() for t in tensors))
@@ -92,21 +100,28 @@ def refuse_non_finite(module: torch.nn.Module, what: str, root: Path) -> None:
 
 
 def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, trainer_state: dict,
-                    config: dict) -> Path:
-    """Write a complete checkpoint to `folder` atomically (replacing an older one of that name).
+                    config: dict, average: WeightAverage | None = None) -> Path:
+    """Write a complete checkpoint to `folder` atomically (replacing an older one of that name),
+    with the weight average when the run keeps one.
 
     Refused (TrainingDiverged) when a weight is not finite, and (StorageError) when the disk
     cannot hold it; either way nothing earlier is touched.
     """
     refuse_non_finite(module, f"checkpoint {folder.name}", folder.parent)
     needed = state_bytes(module, optimizer)
+    if average is not None:
+        if non_finite_in(average.averaged):
+            raise TrainingDiverged(f"the weight average holds NaN or infinite values, so checkpoint {folder.name} was "
+                                   f"not written; {last_good_checkpoint(folder.parent)}")
+        trainer_state = {**trainer_state, "average": average.state()}
+        needed += sum(t.numel() * t.element_size() for t in average.averaged)
     ensure_free_space(folder.parent, needed, f"checkpoint {folder.name}",
                       f"; free some space, then continue with --resume_from latest "
                       f"({last_good_checkpoint(folder.parent)})")
     tmp = folder.with_name(f".tmp-{folder.name}")
     try:
         with storage_errors(tmp, "writing checkpoint", needed):
-            write_checkpoint_files(tmp, module, optimizer, scaler, trainer_state, config)
+            write_checkpoint_files(tmp, module, optimizer, scaler, trainer_state, config, average)
             swap_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # its space back; the earlier checkpoints are untouched
@@ -114,15 +129,18 @@ def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, tr
     return folder
 
 
-def write_checkpoint_files(tmp: Path, module, optimizer, scaler, trainer_state: dict, config: dict) -> None:
+def write_checkpoint_files(tmp: Path, module, optimizer, scaler, trainer_state: dict, config: dict,
+                           average: WeightAverage | None = None) -> None:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors, plain = rng_states()
     state_text = json.dumps({**trainer_state, "rng": plain}, indent=1)
-    # The weights file records the step and the trainer state's hash: an edited trainer_state.json is refused.
-    save_model(module, str(tmp / "model.safetensors"),
-               metadata={"step": str(trainer_state.get("step")), TRAINER_STATE_SHA: sha256_text(state_text)})
+    # The weights files record the step and the trainer state's hash: an edited trainer_state.json is refused.
+    metadata = {"step": str(trainer_state.get("step")), TRAINER_STATE_SHA: sha256_text(state_text)}
+    save_model(module, str(tmp / "model.safetensors"), metadata=metadata)
+    if average is not None:
+        save_file(average.tensors(), str(tmp / AVERAGE_FILE), metadata=metadata)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scaler is not None and scaler.is_enabled():
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -203,8 +221,10 @@ def resolve_resume(spec: str, checkpoints_root: Path) -> Path:
     return path
 
 
-def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, tokenizer_hash: str) -> dict:
-    """Restore weights, optimizer, scaler and RNG in place; return the trainer state.
+def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, tokenizer_hash: str,
+                    average: WeightAverage | None = None) -> dict:
+    """Restore weights, optimizer, scaler, RNG and the weight average in place; return the trainer
+    state (its "average_restored": False when the checkpoint holds no average to restore).
 
     Every file is checked, not trusted: a checkpoint of another tokenizer is refused before any
     tensor is read, and a damaged, edited or non-finite one is refused in one line.
@@ -219,6 +239,7 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, to
                         "same --data_dir and --vocab_size, or start a new --output_dir")
     try:
         load_checked_weights(folder, module, state_text, state["step"])
+        state["average_restored"] = restore_average(folder, average, state, state_text)
         # map_location cpu: every rank reads rank 0's file; load_state_dict moves the optimizer
         # state to each parameter's own device.
         saved_optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -248,11 +269,13 @@ def load_checked_weights(folder: Path, module: torch.nn.Module, state_text: str,
         raise ValueError(f"mismatched keys: {result}")
 
 
-def load_weights(folder: Path, module: torch.nn.Module) -> dict:
-    """Only the weights of a checkpoint (checked as load_checkpoint checks them); its trainer state."""
+def load_weights(folder: Path, module: torch.nn.Module, average: WeightAverage | None = None) -> dict:
+    """Only the weights of a checkpoint, and its weight average into `average` (checked as
+    load_checkpoint checks them); its trainer state."""
     state_text, state = read_trainer_state(folder)
     try:
         load_checked_weights(folder, module, state_text, state["step"])
+        state["average_restored"] = restore_average(folder, average, state, state_text)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001  (safetensors raises many types on corrupt files)
@@ -303,17 +326,45 @@ def trainer_state_problems(state, folder: Path) -> list[str]:
     return problems
 
 
-def check_weights_metadata(folder: Path, state_text: str, step: int) -> None:
-    """The step and trainer-state hash recorded in model.safetensors must match (older
+def check_weights_metadata(folder: Path, state_text: str, step: int, name: str = "model.safetensors") -> None:
+    """The step and trainer-state hash recorded in the weights file `name` must match (older
     checkpoints without them are accepted)."""
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+    with safe_open(str(folder / name), framework="pt") as weights:
         metadata = weights.metadata() or {}
     if TRAINER_STATE_SHA in metadata and metadata[TRAINER_STATE_SHA] != sha256_text(state_text):
         raise UserError(f"checkpoint {folder}: trainer_state.json was changed after the checkpoint was written "
-                        "(its hash differs from the one in model.safetensors); resume from another checkpoint")
+                        f"(its hash differs from the one in {name}); resume from another checkpoint")
     if "step" in metadata and metadata["step"] != str(step):
-        raise UserError(f"checkpoint {folder}: trainer_state.json says step {step}, model.safetensors step "
+        raise UserError(f"checkpoint {folder}: trainer_state.json says step {step}, {name} step "
                         f"{metadata['step']}; resume from another checkpoint")
+
+
+def restore_average(folder: Path, average: WeightAverage | None, state: dict, state_text: str) -> bool:
+    """Load the checkpoint's weight average into `average`; False when it holds none (a run
+    without averaging: the average starts after its step). A damaged one is a one-line UserError."""
+    saved = state.get("average")
+    if average is None:
+        return False
+    if saved is None:
+        average.start_after(state["step"])
+        return False
+    damage = saved_state_problem(saved)
+    if damage is None and not (folder / AVERAGE_FILE).is_file():
+        damage = f"{AVERAGE_FILE} is missing"
+    if damage is None:
+        check_weights_metadata(folder, state_text, state["step"], AVERAGE_FILE)
+        tensors = load_file(str(folder / AVERAGE_FILE))
+        params = dict(zip(average.names, average.averaged))
+        if tensors.keys() != params.keys() or any(t.shape != params[k].shape or t.dtype != torch.float32
+                                                  for k, t in tensors.items()):
+            damage = f"{AVERAGE_FILE} does not fit this model's parameters"
+        elif non_finite_in(list(tensors.values())):
+            damage = f"{AVERAGE_FILE} holds NaN or infinite values"
+    if damage is not None:
+        raise UserError(f"checkpoint {folder}: its weight average is damaged ({damage}); resume from another "
+                        "checkpoint")
+    average.restore(saved, tensors)
+    return True
 
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from .checkpoint import resolve_resume, step_checkpoints
 from .config import TrainConfig, build_config, config_dict, flatten, leaf_default, leaves, union_members
+from .distillation import teacher_folder_problems
 from .env import REPO_ROOT
 from .errors import StorageError, TrainingDiverged, TrainingInterrupted, UserError, fail
 from .fileio import folder_problem, storage_message
@@ -104,9 +105,10 @@ def resolve_settings(cls: type, flags: dict, file_values: dict) -> Any:
         values = {**cls.PRESETS[preset], **values, "preset": preset}
     for name, leaf in settings.items():
         value = values.get(name, leaf_default(leaf))
-        if leaf.field.metadata.get("path") and isinstance(value, str):
-            given = name in file_values or name in flags
-            values[name] = str(((Path.cwd() if given else REPO_ROOT) / value).resolve())
+        if leaf.field.metadata.get("path") and isinstance(value, (str, list)):
+            base = Path.cwd() if name in file_values or name in flags else REPO_ROOT
+            values[name] = str((base / value).resolve()) if isinstance(value, str) else \
+                [str((base / v).resolve()) if isinstance(v, str) else v for v in value]
     return build_config(cls, values)
 
 
@@ -190,7 +192,7 @@ def claim_output_dir(cfg: TrainConfig, problems: list[str] = ()) -> None:
     holder = folder_holder(out) if main_process and out.is_dir() else None
     if holder is not None:
         raise UserError(in_use_message(out, holder))  # first: the folder's state is the holder's to change
-    fail(list(problems) + data_dir_problems(cfg) + output_dir_problems(cfg))
+    fail(list(problems) + data_dir_problems(cfg) + teacher_folder_problems(cfg) + output_dir_problems(cfg))
     if main_process:
         HELD[out] = lock_folder(out, f"{Path(sys.argv[0]).name} training")
         fail(output_dir_problems(cfg))

@@ -120,6 +120,16 @@ class TrainConfig:
     early_stop_patience: int = setting(0, "stop after this many held-out evaluations in a row without a new best "
                                           "(0: never)")
     max_bad_steps: int = setting(5, "consecutive non-finite steps before the run stops")
+    # Weight averaging (mvlm_engine/averaging.py) and distillation (mvlm_engine/distillation.py).
+    ema_decay: float = setting(0.0, "decay per optimizer step of the weight average (debiased EMA) that evaluation, "
+                                    "best_model and the export see; training goes on with the raw weights (0 = off)")
+    ema_start_step: int = setting(0, "the weight average leaves out the weights of the steps up to this one")
+    teachers: list[str] = setting(help="finished model folders (written by either trainer, with this run's "
+                                       "tokenizer) whose probability-averaged prediction the model also learns",
+                                  factory=list, path=True)
+    distill_weight: float = setting(0.0, "weight of the distillation term, T^2 KL(teachers || model) (0 = off)")
+    distill_temperature: float = setting(1.0, "temperature T of the teachers' and the model's distributions in the "
+                                              "distillation term")
     resume_from: str | None = setting(None, "continue a run: 'latest', 'best_model' or a checkpoint folder",
                                       per_invocation=True)
     overwrite: bool = setting(False, "start a fresh run in an --output_dir that already holds a run",
@@ -154,7 +164,19 @@ class TrainConfig:
         if 0 < self.vocab_size < MIN_VOCAB:
             errors.append(f"--vocab_size must be >= {MIN_VOCAB}: the 256 byte tokens and the end-of-text token "
                           f"(got {self.vocab_size})")
-        return errors + upper_limit_problems(self, TRAIN_LIMITS)
+        return errors + averaging_and_distillation_problems(self) + upper_limit_problems(self, TRAIN_LIMITS)
+
+
+def averaging_and_distillation_problems(cfg: TrainConfig) -> list[str]:
+    errors = [] if 0 <= cfg.ema_decay < 1 else [f"--ema_decay must be in [0, 1) (got {cfg.ema_decay})"]
+    errors += [f"--{name} must be >= 0 (got {getattr(cfg, name)})" for name in ("ema_start_step", "distill_weight")
+               if getattr(cfg, name) < 0]
+    if not cfg.distill_temperature > 0:
+        errors.append(f"--distill_temperature must be > 0 (got {cfg.distill_temperature})")
+    if cfg.distill_weight > 0 and not cfg.teachers:
+        errors.append(f"--distill_weight {cfg.distill_weight} needs --teachers: the model folders to learn from")
+    return errors + upper_limit_problems(cfg, {"ema_start_step": 10 ** 9, "distill_weight": 100.0,
+                                               "distill_temperature": 100.0})
 
 
 MIN_VOCAB = 257

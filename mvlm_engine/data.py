@@ -138,7 +138,9 @@ class LMBatches:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch to the device; on CUDA through pinned memory so the copy does not block."""
+    """Move a batch to the device; on CUDA through pinned memory so the copy does not block.
+    Tensors already there (a distillation target, say) stay as they are."""
     if device.type == "cuda":
-        return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v if v.device == device else (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+                for k, v in batch.items()}
     return batch

@@ -39,6 +39,19 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
+# The parts of a tokenizer.json that decide which ids a text gets and which text ids stand for.
+ENCODING_PARTS = ("normalizer", "pre_tokenizer", "model", "decoder", "added_tokens")
+
+
+def encoding_fingerprint(tokenizer: Tokenizer) -> str:
+    """Hash of what maps text to ids and back (vocabulary, merges, added tokens, pre-tokenizer,
+    normalizer, decoder). Unlike tokenizer_hash it leaves out the post-processor, padding and
+    truncation, which a model folder's tokenizer.json gets from transformers when it is saved:
+    a folder and the run that wrote it have the same fingerprint."""
+    data = json.loads(tokenizer.to_str())
+    return hashlib.sha256(json.dumps({k: data.get(k) for k in ENCODING_PARTS}, sort_keys=True).encode()).hexdigest()
+
+
 def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, tokenizer.to_str())

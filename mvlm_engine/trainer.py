@@ -24,11 +24,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .averaging import WeightAverage, evaluated_weights, weight_average
 from .checkpoint import (BEST, last_good_checkpoint, load_checkpoint, load_weights, prune_checkpoints,
                          recover_interrupted_swaps, refuse_non_finite, resolve_resume, save_checkpoint,
                          set_aside_later_checkpoints, state_bytes)
 from .config import TrainConfig, config_dict, save_config_json
 from .data import BatchSource, to_device
+from .distillation import with_teachers
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
 from .evaluation import EvaluationStopped, evaluate
 from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, storage_errors
@@ -116,6 +118,7 @@ class Run:
     last_eval: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     guard: StepGuard | None = None  # undoes a step that leaves a weight non-finite
+    average: WeightAverage | None = None  # --ema_decay: what evaluation, best_model and the export see
 
     @property
     def out(self) -> Path:
@@ -160,6 +163,8 @@ def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, dat
               history=History(Path(cfg.output_dir) / "training_history.json", {}))
     run.history.data["config"] = run.checkpoint_config()
     run.guard = StepGuard(objective, run.optimizer)
+    run.average = weight_average(objective, cfg.ema_decay, cfg.ema_start_step)
+    run.task = with_teachers(run.task, cfg, runtime, data)  # outside the prefetch: teachers run on this thread
     STOP.check("starting the training", "nothing new to save")
     if runtime.is_main:
         recover_interrupted_swaps(run.ckpt_root)  # under the output dir's lock: no other writer
@@ -182,7 +187,8 @@ def start_or_restore(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, dat
 def restore(run: Run) -> None:
     """Load weights, optimizer, scaler, RNG and data position from --resume_from."""
     folder = resolve_resume(run.cfg.resume_from, run.ckpt_root)
-    saved = load_checkpoint(folder, run.task.objective, run.optimizer, run.scaler, run.data.tokenizer_hash)
+    saved = load_checkpoint(folder, run.task.objective, run.optimizer, run.scaler, run.data.tokenizer_hash,
+                            run.average)
     try:
         run.task.batches.load_state_dict(saved["data"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -193,6 +199,7 @@ def restore(run: Run) -> None:
     if not run.runtime.is_main:
         return
     log.info(f"resumed from {folder} at step {run.state['step']}")
+    log_average_on_resume(run, saved)
     for path in set_aside_later_checkpoints(run.ckpt_root, folder, run.state["step"]):
         log.info(f"later checkpoint {path.name} belongs to the abandoned run: moved to "
                  f"{run.ckpt_root / 'abandoned'}")
@@ -201,6 +208,13 @@ def restore(run: Run) -> None:
         log.warning(f"WARNING: the run was planned for {saved_total} steps and now has {run.total_steps}; the "
                     "schedule is stretched from here (same --max_steps / --num_epochs / "
                     "--gradient_accumulation_steps keep it unchanged)")
+
+
+def log_average_on_resume(run: Run, saved: dict) -> None:
+    if run.average is not None and not saved["average_restored"]:
+        log.info(f"the checkpoint holds no weight average: it starts after step {run.average.start_step}")
+    elif run.average is None and saved.get("average"):
+        log.info("--ema_decay 0: the checkpoint's weight average is dropped; evaluation sees the raw weights")
 
 
 def clear_earlier_run(run: Run) -> None:
@@ -242,6 +256,8 @@ def optimizer_step(run: Run, stop: StopSignal) -> StepResult:
         skip_step(run, step, skipped)
     else:
         run.state["bad_steps"] = 0
+        if run.average is not None:
+            run.average.update(step + 1)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.state["step"] = step + 1
@@ -381,11 +397,13 @@ def finish_pending_eval(run: Run) -> None:
 
 
 def run_eval(run: Run) -> dict:
-    """Held-out loss and bits per byte; a new best is saved as best_model."""
-    result = evaluate(run.task.objective, run.task.logits, run.data.shards.tokens("val"), run.cfg.block_size,
-                      run.cfg.eval_windows, run.cfg.batch_size, run.runtime,
-                      torch.as_tensor(run.data.byte_lengths, device=run.runtime.device),
-                      should_stop=lambda: STOP.requested)
+    """Held-out loss and bits per byte (of the weight average, when the run keeps one); a new best
+    is saved as best_model."""
+    with evaluated_weights(run.average):
+        result = evaluate(run.task.objective, run.task.logits, run.data.shards.tokens("val"), run.cfg.block_size,
+                          run.cfg.eval_windows, run.cfg.batch_size, run.runtime,
+                          torch.as_tensor(run.data.byte_lengths, device=run.runtime.device),
+                          should_stop=lambda: STOP.requested)
     if run.runtime.is_main:
         run.history.log("eval", {"step": run.state["step"], **result})
         run.history.save()
@@ -408,7 +426,7 @@ def checkpoint(run: Run, name: str) -> None:
                                       "total_steps": run.total_steps, "max_lr": cfg.learning_rate,
                                       "min_lr_ratio": cfg.min_lr_ratio, "decay_fraction": cfg.decay_fraction}}
         save_checkpoint(run.ckpt_root / name, run.task.objective, run.optimizer, run.scaler, trainer_state,
-                        run.checkpoint_config())
+                        run.checkpoint_config(), run.average)
         if name != BEST:
             prune_checkpoints(run.ckpt_root, cfg.keep_checkpoints)
     run.runtime.barrier()
@@ -447,13 +465,17 @@ def finish(run: Run) -> dict:
 
 def choose_export_weights(run: Run) -> dict:
     """--export_weights best: load the weights of the lowest held-out loss (checkpoints/best_model)
-    when an earlier step had it, since later steps have overfit. Returns the exported weights'
-    evaluation."""
+    when an earlier step had it, since later steps have overfit. With a weight average, the
+    average that evaluation saw. Returns the exported weights' evaluation."""
     state, best = run.state, run.ckpt_root / BEST
     if run.cfg.export_weights != "best" or state["best_step"] in (0, state["step"]) or not best.is_dir() \
             or not state["best_val_loss"] < run.last_eval["val_loss"]:
+        if run.average is not None:
+            run.average.copy_to_params()
         return {**run.last_eval, "step": state["step"]}
-    load_weights(best, run.task.objective)
+    load_weights(best, run.task.objective, run.average)
+    if run.average is not None:
+        run.average.copy_to_params()
     log.info(f"exporting the weights of step {state['best_step']}, the lowest held-out loss seen "
              f"({state['best_val_loss']:.4f} against {run.last_eval['val_loss']:.4f} at the last step; "
              "--export_weights last exports the last step's)")

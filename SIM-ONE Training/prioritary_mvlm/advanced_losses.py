@@ -6,6 +6,8 @@
     alignment      InfoNCE pulling together the pooled hidden states of the same verse in two
                    translations (in-batch negatives)
     stability      z-loss on the logits, mean(logsumexp^2) (PaLM, Chowdhery et al. 2022)
+    distill        T^2 KL(teachers || model) against finished models' averaged prediction
+                   (mvlm_engine.distillation; on when the batch carries their targets)
     comprehensive  the weighted sum: static weights, or uncertainty weighting
                    (Kendall et al. 2018, arXiv 1705.07115)
 
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mvlm_engine.distillation import TEACHER_LOG_PROBS, distillation_loss
 from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition, z_loss_from_log_partition
 from mvlm_engine.parallel_verses import mean_pool
 
@@ -87,15 +90,16 @@ class CompositeObjective(nn.Module):
 
     chunked_loss: the next-token and t+2 rows go through one chunked cross-entropy over the
     shared unembedding (mvlm_engine.losses), the z-loss reuses its log-partition, and the
-    alignment forward computes no logits; off: full (B, T, V) logits per head, as before.
+    alignment forward computes no logits; off: full (B, T, V) logits per head, as before. A
+    batch with teachers' targets takes the full-logits path (the distillation term needs them).
     """
 
     def __init__(self, model: nn.Module, weights: dict[str, float], adaptive: bool, temperature: float,
-                 chunked_loss: bool = False):
+                 chunked_loss: bool = False, distill_temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.weights = {"accuracy": 1.0, **{k: v for k, v in weights.items() if v > 0}}
-        self.temperature = temperature
+        self.temperature, self.distill_temperature = temperature, distill_temperature
         self.chunked_loss = chunked_loss
         d_model = model.config.d_model
         self.multi_token_head = MultiTokenHead(d_model) if "coherence" in self.weights else None
@@ -107,10 +111,11 @@ class CompositeObjective(nn.Module):
         return self.model(input_ids).logits
 
     def forward(self, batch: dict):
-        if self.chunked_loss:
+        teacher = batch.get(TEACHER_LOG_PROBS)
+        if self.chunked_loss and teacher is None:
             terms = self.language_terms_chunked(batch["input_ids"], batch["labels"])
         else:
-            terms = self.language_terms_full_logits(batch["input_ids"], batch["labels"])
+            terms = self.language_terms_full_logits(batch["input_ids"], batch["labels"], teacher)
         if "alignment" in self.weights:
             pairs = batch["pair_ids"]  # (2P, L): first P rows one translation, last P the other
             hidden = self.model(pairs, return_logits=not self.chunked_loss).hidden_states
@@ -122,10 +127,14 @@ class CompositeObjective(nn.Module):
             logged.update({f"weight/{n}": torch.exp(-s) * self.weights[n] for n, s in self.log_variances.items()})
         return total, logged
 
-    def language_terms_full_logits(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
-        """accuracy, coherence and stability from materialised (B, T, V) logits."""
+    def language_terms_full_logits(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                                   teacher_log_probs: torch.Tensor | None = None) -> dict:
+        """accuracy, coherence, stability and (with teachers' targets) distill from materialised
+        (B, T, V) logits."""
         out = self.model(input_ids)
         terms = {"accuracy": next_token_loss(out.logits, labels)}
+        if teacher_log_probs is not None:
+            terms["distill"] = distillation_loss(out.logits, teacher_log_probs, self.distill_temperature)
         if self.multi_token_head is not None:
             ahead = self.model.logits(self.multi_token_head(out.hidden_states))
             terms["coherence"] = multi_token_loss(ahead, labels)

@@ -84,7 +84,7 @@ class EnhancedPrioritaryTrainer:
 
     def loss_weights(self) -> dict[str, float]:
         return {"coherence": self.cfg.coherence_weight, "alignment": self.cfg.alignment_weight,
-                "stability": self.cfg.z_loss_weight}
+                "stability": self.cfg.z_loss_weight, "distill": self.cfg.distill_weight}
 
     def build_objective(self, vocab_size: int) -> CompositeObjective:
         """The training module of a run: its SIM-ONE (seeded) under the composite loss."""
@@ -93,7 +93,7 @@ class EnhancedPrioritaryTrainer:
         model = SimOneModel(cfg.model_config(vocab_size))
         model.use_fused_layers(cfg.fused_layers)
         return CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature,
-                                  cfg.chunked_loss)
+                                  cfg.chunked_loss, cfg.distill_temperature)
 
     def build_task(self) -> tuple[TrainingTask, object]:
         cfg, runtime = self.cfg, self.runtime

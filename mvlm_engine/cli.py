@@ -220,7 +220,7 @@ def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
 
 
 def release_output_dirs() -> None:
-    """Give up the output dirs this process claimed (emptying their lock records)."""
+    """Give up the output dirs this process claimed (removing their lock files)."""
     while HELD:
         HELD.popitem()[1].release()
 

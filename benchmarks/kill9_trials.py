@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train_all_models import TRAINERS  # noqa: E402  (the pipeline's one table of trainers)
+from model_registry import MODELS  # noqa: E402  (the one table of models)
 
 # Small enough for a CPU: STEPS steps of 8 x 64 tokens, a checkpoint every 2 steps (evaluation
 # settings change no weight, so a run with other ones must still end bit-identical).
@@ -42,7 +42,7 @@ STEPS = 16
 
 
 def command(trainer: str, data_dir: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return [sys.executable, str(TRAINERS[trainer].script), "--data_dir", str(data_dir), "--output_dir", str(out),
+    return [sys.executable, str(MODELS[trainer].trainer), "--data_dir", str(data_dir), "--output_dir", str(out),
             *SETTINGS, "--max_steps", str(steps), *extra]
 
 
@@ -157,7 +157,7 @@ def small_corpus(work: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="gpt2")
+    parser.add_argument("--trainer", choices=sorted(MODELS), default="gpt2")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", type=Path, default=None)

@@ -71,7 +71,13 @@ def state_bytes(module: torch.nn.Module, optimizer) -> int:
 
 def non_finite_values(module: torch.nn.Module) -> int:
     """How many weights (parameters and floating buffers) are NaN or infinite; 0 costs one pass."""
-    tensors = [t.detach() for t in module.state_dict().values() if t.is_floating_point() and t.numel()]
+    return count_non_finite(module.state_dict().values())
+
+
+def count_non_finite(weights) -> int:
+    """How many values of `weights` (tensors or numpy arrays) are NaN or infinite."""
+    tensors = [torch.as_tensor(w).detach() for w in weights]
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
     if not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()):
         return 0
     return int(sum((~torch.isfinite(t)).sum().item() for t in tensors))
@@ -89,6 +95,15 @@ def refuse_non_finite(module: torch.nn.Module, what: str, root: Path) -> None:
         total = sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
         raise TrainingDiverged(f"{bad:,} of {total:,} weights are NaN or infinite, so {what} was not written; "
                                f"{last_good_checkpoint(root)} (resume from it with a lower --learning_rate)")
+
+
+def refuse_non_finite_export(weights: dict, model_dir: Path) -> None:
+    """UserError naming the last good checkpoint if a saved model's `weights` (name -> tensor or
+    array) hold a NaN or infinite value: the exporters never write such a model."""
+    bad = count_non_finite(weights.values())
+    if bad:
+        raise UserError(f"--model_dir {model_dir} holds {bad:,} NaN or infinite weights, so it was not exported; "
+                        f"{last_good_checkpoint(Path(model_dir) / 'checkpoints')}")
 
 
 def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, trainer_state: dict,

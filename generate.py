@@ -7,10 +7,10 @@
     python3 generate.py --model models/mvlm_gpt2           # interactive: one prompt per line
 
 --model is any model folder of this project, MVLM-GPT2, SIM-ONE or SIM-ONE's Llama export (told
-apart by config.json's model_type: model_registry.py), an unpacked download archive included. Generation is transformers' own
-`generate` with a TextStreamer; sampling settings not given here come from the folder's
-generation_config.json, and --temperature 0 is greedy decoding. An empty prompt starts a fresh
-document. --trace (SIM-ONE) prints the governance record of each continuation as a table: for
+apart by config.json's model_type: model_registry.py), an unpacked download archive included.
+Generation is transformers' own `generate` with a TextStreamer; sampling settings not given here
+come from the folder's generation_config.json, and --temperature 0 is greedy decoding. An empty
+prompt starts a fresh document. --trace (SIM-ONE) prints the governance record of each continuation as a table: for
 every generated token, the policy gate per layer (mean over heads), the attention mass on the
 memory tokens per layer (mean over heads) and the logit lens's top token per layer.
 """

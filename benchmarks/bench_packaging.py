@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import interleaved, median, now, paired_ratio  # noqa: E402
 
 from mvlm_engine import packaging  # noqa: E402
-from mvlm_engine.cli import run_cli  # noqa: E402
+from mvlm_engine.cli import OneLineParser, run_cli  # noqa: E402
 
 LEVELS = {"level 9": 9, "level 0": 0}
 
@@ -37,7 +37,8 @@ def package_timer(folder: Path, archive: Path, level: int):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="bench_packaging.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)

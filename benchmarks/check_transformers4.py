@@ -29,8 +29,11 @@ import tempfile
 from pathlib import Path
 
 from model_registry import kind_of_folder
+from mvlm_engine.cli import OneLineParser, run_cli
+from mvlm_engine.errors import UserError
 from mvlm_engine.isolation import ISOLATE_FROM_REPO
 
+PROG = "check_transformers4.py"
 PROMPT = "In the beginning God created"
 NEW_TOKENS = 20
 NOT_MODEL_FILES = {"checkpoints", "tensorboard"}
@@ -190,15 +193,15 @@ def check_folder(folder: Path, tf4_python: str, workdir: Path) -> bool:
     return same_tokens and same_logprob
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models_dir", type=Path, required=True, help="a model folder, or a folder of them")
     parser.add_argument("--tf4_python", required=True, help="python of a venv with transformers 4.57")
     parser.add_argument("--apply_fix", action="store_true", help="check patched copies (see patch_for_transformers4)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folders = model_folders(args.models_dir) if args.models_dir.is_dir() else []
     if not folders:
-        raise SystemExit(f"check_transformers4: error: no model folder (with config.json) in {args.models_dir}")
+        raise UserError(f"no model folder (with config.json) in {args.models_dir}")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for folder in folders:
@@ -211,4 +214,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(PROG, main, sys.argv[1:])

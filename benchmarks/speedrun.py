@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_corpus, reexec_in_venv, run_trainer  # noqa: E402
+from common import ensure_corpus, reexec_in_venv, run_trainer  # noqa: E402
 
 from model_registry import MODELS  # noqa: E402  (torch-free)
 from mvlm_engine.config import setting  # noqa: E402  (torch-free)

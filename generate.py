@@ -6,11 +6,11 @@
     python3 generate.py --model models/simone_enhanced --trace --temperature 0 "[KJV] John 3:16"
     python3 generate.py --model models/mvlm_gpt2           # interactive: one prompt per line
 
---model is any model folder of this project, MVLM-GPT2 or SIM-ONE (told apart by its
-config.json), an unpacked download archive included. Generation is transformers' own
-`generate` with a TextStreamer; sampling settings not given here come from the folder's
-generation_config.json, and --temperature 0 is greedy decoding. An empty prompt starts a fresh
-document. --trace (SIM-ONE) prints the governance record of each continuation as a table: for
+--model is any model folder of this project, MVLM-GPT2, SIM-ONE or SIM-ONE's Llama export (told
+apart by config.json's model_type: model_registry.py), an unpacked download archive included.
+Generation is transformers' own `generate` with a TextStreamer; sampling settings not given here
+come from the folder's generation_config.json, and --temperature 0 is greedy decoding. An empty
+prompt starts a fresh document. --trace (SIM-ONE) prints the governance record of each continuation as a table: for
 every generated token, the policy gate per layer (mean over heads), the attention mass on the
 memory tokens per layer (mean over heads) and the logit lens's top token per layer.
 """
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from model_registry import FolderKind, folder_kind, folder_kinds
 from mvlm_engine.cli import parse_run_config, run_cli
 from mvlm_engine.config import setting
 from mvlm_engine.errors import UserError
 
 PROG = "generate.py"
-MODEL_TYPES = {"gpt2": "MVLM-GPT2", "simone": "SIM-ONE"}  # config.json's model_type -> what it is
 
 
 @dataclass
@@ -61,8 +61,8 @@ class GenerateSettings:
         return errors
 
 
-def model_kind(folder: Path) -> str:
-    """config.json's model_type, checked to be one this project trains; bad folders are user errors."""
+def model_kind(folder: Path) -> FolderKind:
+    """The registry's kind of the folder's config.json model_type; bad folders are user errors."""
     if not folder.is_dir():
         raise UserError(f"--model {folder} is not a folder; pass a trained model folder or an unpacked archive")
     try:
@@ -71,9 +71,11 @@ def model_kind(folder: Path) -> str:
         raise UserError(f"--model {folder} has no config.json; pass a trained model folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"--model {folder}: config.json is unreadable ({err.__class__.__name__})") from None
-    kind = config.get("model_type") if isinstance(config, dict) else None
-    if kind not in MODEL_TYPES:
-        raise UserError(f"--model {folder} holds a {kind!r} model; this tool runs {', '.join(MODEL_TYPES)} folders")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    kind = folder_kind(model_type)
+    if kind is None:
+        raise UserError(f"--model {folder} holds a {model_type!r} model; this tool runs "
+                        f"{', '.join(folder_kinds())} folders")
     return kind
 
 
@@ -83,8 +85,9 @@ class Session:
     def __init__(self, s: GenerateSettings):
         folder = Path(s.model)
         self.kind, self.settings = model_kind(folder), s
-        if s.trace and self.kind != "simone":
-            raise UserError(f"--trace needs a SIM-ONE model; {folder} is {MODEL_TYPES[self.kind]}")
+        if s.trace and not self.kind.trace:
+            traced = " or ".join(k.display_name for k in folder_kinds().values() if k.trace)
+            raise UserError(f"--trace needs a {traced} model; {folder} is {self.kind.display_name}")
         import torch  # after the checks: a bad folder is reported without waiting for torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -93,7 +96,7 @@ class Session:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
 
-        remote = self.kind == "simone"  # its modelling code ships in the folder
+        remote = self.kind.trust_remote_code  # its modelling code ships in the folder
         device = "cuda" if s.device != "cpu" and torch.cuda.is_available() else "cpu"
         if s.device == "cuda" and device == "cpu":
             raise UserError("--device cuda: no CUDA GPU is visible")
@@ -174,7 +177,7 @@ def trace_table(trace: dict, tokens: list[int], prompt_len: int, tokenizer) -> s
 
 def interactive(session: Session) -> None:
     """One prompt per line until end of input (Ctrl-D); an empty line starts a fresh document."""
-    print(f"{MODEL_TYPES[session.kind]} from {session.settings.model}: type a prompt and press Enter "
+    print(f"{session.kind.display_name} from {session.settings.model}: type a prompt and press Enter "
           "(Ctrl-D to quit).", file=sys.stderr)
     while True:
         try:

@@ -33,11 +33,11 @@ from mvlm_engine.fileio import plain_file_modes  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
 from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
-from mvlm_engine.packaging import GENERATION_DEFAULTS  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
 from mvlm_engine.shards import prepare_token_data  # noqa: E402
 from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer  # noqa: E402
 from mvlm_engine.trainer import TrainingTask, fit  # noqa: E402
+from release import GENERATION_DEFAULTS  # noqa: E402
 
 PROG = "mvlm_trainer.py"
 log = get_logger("train")

@@ -22,28 +22,25 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
+from model_registry import MODELS, model_names
 from mvlm_engine.checkpoint import step_checkpoints
 from mvlm_engine.cli import parse_run_config, run_cli
 from mvlm_engine.config import setting
 from mvlm_engine.corpus import MANIFEST_NAME
 from mvlm_engine.errors import StorageError, UserError
-from mvlm_engine.fileio import atomic_write_text, folder_problem, storage_errors, storage_message
+from mvlm_engine.fileio import atomic_write_text, folder_problem, read_json_object, storage_errors, storage_message
 from mvlm_engine.locks import FileLock, in_use_message
 from mvlm_engine.logs import get_logger
-from mvlm_engine.packaging import MODEL_MANIFEST
+from mvlm_engine.packaging import MODEL_MANIFEST, RUN_SUMMARY
+from release.package import FORMATS
 
 PROG = "train_all_models.py"
 REPO = Path(__file__).resolve().parent
 log = get_logger("pipeline")
-
-
-@dataclass(frozen=True)
-class Trainer:
-    folder: str  # under --models_dir
-    script: Path
 
 
 # Trainer flags that the pipeline sets itself (or that would make a stage train nothing).
@@ -51,19 +48,13 @@ PIPELINE_FLAGS = {"--preset", "--data_dir", "--output_dir", "--device", "--resum
                   "--print_config", "--help", "-h"}
 PIPELINE_LOCK = ".pipeline.lock"
 
-# The pipeline's models, in training order: the one table of what there is to train.
-TRAINERS = {"gpt2": Trainer("mvlm_gpt2", REPO / "mvlm_trainer.py"),
-            "simone": Trainer("simone_enhanced", REPO / "SIM-ONE Training" / "enhanced_train.py")}
-# Single-file downloads beside the archives: modules whose DOWNLOAD_FORMAT the packaging stage calls
-# (export_gguf: `<name>.gguf` for llama.cpp and Ollama, or a note in DOWNLOAD.md saying why not).
-DOWNLOAD_FORMATS = ["export_gguf"]
 
 
 @dataclass
 class PipelineSettings:
     preset: Literal["auto", "tiny", "small", "medium"] = setting(
         "auto", "auto: small on a CUDA machine, tiny on a CPU-only one")
-    only: Literal["gpt2", "simone"] | None = setting(None, "train only this model")
+    only: str | None = setting(None, f"train only this model: {', '.join(MODELS)} (model_registry.py)")
     skip_training: bool = setting(False, "package and validate what exists")
     retrain: bool = setting(False, "train again even where a finished model exists (its checkpoints are replaced)")
     data_dir: str = setting("mvlm_training_dataset_complete", "corpus folder (built if missing)", path=True)
@@ -75,7 +66,8 @@ class PipelineSettings:
 
     def problems(self) -> list[str]:
         """--trainer_args parses and leaves the pipeline's own flags alone; every folder can be written."""
-        errors = []
+        errors = [] if self.only in (None, *MODELS) else [
+            f"--only: invalid choice {self.only!r} (choose from {', '.join(model_names())})"]
         try:
             words = shlex.split(self.trainer_args)
         except ValueError as err:
@@ -171,8 +163,8 @@ class StageLog:
 def training_state(out: Path, preset: str) -> str:
     """done (a finished run of this preset), resume (checkpoints of an interrupted run) or fresh.
     A finished model is never replaced without --retrain, whether or not its checkpoints remain."""
-    if (out / "run_summary.json").is_file():
-        trained_preset = read_json(out / "train_config.json").get("preset")
+    if (out / RUN_SUMMARY).is_file():
+        trained_preset = read_json_object(out / "train_config.json").get("preset")
         if trained_preset == preset:
             return "done"
         raise UserError(f"{out} holds a finished '{trained_preset}' run, not '{preset}'; pass --retrain "
@@ -185,17 +177,8 @@ def training_state(out: Path, preset: str) -> str:
     return "fresh"
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or {} when it is missing or damaged."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def training_metrics(out: Path) -> dict:
-    run = read_json(out / "run_summary.json")
+    run = read_json_object(out / RUN_SUMMARY)
     return {key: run.get(key) for key in ("steps", "tokens_seen", "final_val_loss", "final_val_bpb", "exported_step",
                                           "last_val_bpb", "device", "precision", "wall_seconds_this_process")}
 
@@ -240,11 +223,11 @@ class Pipeline:
 
     def train(self, model: str) -> None:
         started, s = self.begin(), self.settings
-        out = self.path("models_dir") / TRAINERS[model].folder
+        out = self.path("models_dir") / MODELS[model].folder
         state = "fresh" if s.retrain else training_state(out, self.preset)
         if state == "done":
             return self.record(model, "skipped (already trained)", started, **training_metrics(out))
-        command = [sys.executable, TRAINERS[model].script, "--preset", self.preset, "--data_dir", s.data_dir,
+        command = [sys.executable, MODELS[model].trainer, "--preset", self.preset, "--data_dir", s.data_dir,
                    "--output_dir", out, "--device", s.device, *shlex.split(s.trainer_args)]
         command += ["--resume_from", "latest"] if state == "resume" else (["--overwrite"] if out.exists() else [])
         run_stage(model, command, self.path("logs_dir") / f"{model}.log")
@@ -252,12 +235,12 @@ class Pipeline:
 
     def package(self, models: list[str]) -> None:
         started, models_dir = self.begin(), self.path("models_dir")
-        trained = [TRAINERS[m].folder for m in models if (models_dir / TRAINERS[m].folder / "run_summary.json").is_file()]
+        trained = [MODELS[m].folder for m in models if (models_dir / MODELS[m].folder / RUN_SUMMARY).is_file()]
         if not trained:
             raise StageFailed("package", f"no trained model in {models_dir} to package; run without --skip_training")
-        run_stage("package", [sys.executable, "-m", "mvlm_engine.packaging", "--models_dir", models_dir,
+        run_stage("package", [sys.executable, "-m", "release.package", "--models_dir", models_dir,
                               "--download_dir", self.path("download_dir"), "--names", *trained,
-                              "--formats", *DOWNLOAD_FORMATS],
+                              "--formats", *FORMATS],
                   self.path("logs_dir") / "package.log")
         self.record("package", "done", started, archives=[str(self.path("download_dir") / f"{n}.tar.gz") for n in trained])
 
@@ -266,10 +249,21 @@ class Pipeline:
         started = self.begin()
         run_stage(stage, [sys.executable, REPO / "validate_models.py", "--models_dir", self.path("models_dir"),
                           "--data_dir", self.path("data_dir"), "--download_dir", self.path("download_dir"),
-                          "--names", *[TRAINERS[m].folder for m in models],
+                          "--names", *[MODELS[m].folder for m in models],
                           "--no_archives" if stage == "validate" else "--archives_only"],
                   self.path("logs_dir") / f"{stage}.log")
         self.record(stage, "passed", started, report=str(self.path("models_dir") / "validation_report.md"))
+
+
+def stages(pipeline: Pipeline) -> list[tuple[str, Callable[[], None]]]:
+    """The stages this run goes through, in order: corpus, each model of the registry (or --only's),
+    validate, package, archives."""
+    s = pipeline.settings
+    models = [s.only] if s.only else model_names()
+    training = [] if s.skip_training else [("corpus", pipeline.corpus)] + [(m, partial(pipeline.train, m))
+                                                                           for m in models]
+    return training + [("validate", partial(pipeline.validate, models)), ("package", partial(pipeline.package, models)),
+                       ("archives", partial(pipeline.validate, models, "archives"))]
 
 
 def main(argv=None) -> None:
@@ -284,15 +278,11 @@ def main(argv=None) -> None:
     if holder is not None:
         raise UserError(in_use_message(pipeline.path("models_dir"), holder))
     log.info(f"preset {preset}: {reason}")
-    models = [settings.only] if settings.only else list(TRAINERS)
+    planned = stages(pipeline)
+    log.info(f"stages: {' -> '.join(name for name, _ in planned)}")
     try:
-        if not settings.skip_training:
-            pipeline.corpus()
-            for model in models:
-                pipeline.train(model)
-        pipeline.validate(models)
-        pipeline.package(models)
-        pipeline.validate(models, "archives")
+        for _, stage in planned:
+            stage()
     except StageFailed as err:
         print(f"{PROG}: {err}{pipeline.record_failure(err.stage)}", file=sys.stderr)
         sys.exit(1)

@@ -45,27 +45,29 @@ apply_training_env()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from model_registry import FolderKind, folder_kind, folder_kinds  # noqa: E402
 from mvlm_engine.cli import parse_run_config, run_cli  # noqa: E402
 from mvlm_engine.config import setting, upper_limit_problems  # noqa: E402
 from mvlm_engine.corpus import load_corpus  # noqa: E402
 from mvlm_engine.errors import UserError  # noqa: E402
 from mvlm_engine.evaluation import evaluate  # noqa: E402
-from mvlm_engine.fileio import atomic_write_text, folder_problem  # noqa: E402
+from mvlm_engine.fileio import atomic_write_text, folder_problem, read_json_object  # noqa: E402
 from mvlm_engine.isolation import load_in_clean_interpreter  # noqa: E402
 from mvlm_engine.locks import lock_folder  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
-from mvlm_engine.packaging import (MODEL_MANIFEST, archive_listing, check_model_manifest,  # noqa: E402
-                                   check_sha256sums, read_json, write_model_card)
+from mvlm_engine.packaging import MODEL_MANIFEST, archive_listing, check_model_manifest, check_sha256sums  # noqa: E402
 from mvlm_engine.parallel_verses import ParallelVerses, mean_pool, retrieval_at_1  # noqa: E402
 from mvlm_engine.runtime import Runtime  # noqa: E402
 from mvlm_engine.tokenizer import token_byte_lengths  # noqa: E402
+from release import DEFAULT_CARD_LICENSE, SAMPLE_PROMPT  # noqa: E402
+from release.card import write_model_card  # noqa: E402
 
 PROG = "validate_models.py"
 REPO = Path(__file__).resolve().parent
 REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
-PROMPTS = ["[KJV] John 3:16", "[WEB] Genesis 1:1", "[ASV] Psalms 23:1", "In the beginning"]
+PROMPTS = [SAMPLE_PROMPT, "[WEB] Genesis 1:1", "[ASV] Psalms 23:1", "In the beginning"]
 # Two prompts of different token lengths, so that a batch of them is padded.
-PADDED_BATCH = ["In the beginning God created the heaven and the earth.", "[KJV] John 3:16"]
+PADDED_BATCH = ["In the beginning God created the heaven and the earth.", SAMPLE_PROMPT]
 GENERATE_TOKENS = 48
 
 
@@ -81,7 +83,7 @@ class ValidationSettings:
     download_dir: str = setting("models_for_download", "folder of the archives and SHA256SUMS", path=True)
     no_archives: bool = setting(False, "skip the archive checks")
     archives_only: bool = setting(False, "check only the archives, adding them to the existing report")
-    card_license: str = setting("cc0-1.0", "licence (a Hugging Face licence id) in the model cards' front matter; "
+    card_license: str = setting(DEFAULT_CARD_LICENSE, "licence (a Hugging Face licence id) in the model cards' front matter; "
                                            "the corpus is public domain, the weights' terms are the owner's choice")
     eval_windows: int = setting(64, "held-out windows for loss / bits per byte")
     recall_verses: int = setting(40, "training verses prompted for recall")
@@ -121,19 +123,23 @@ class Report:
 
 
 class LoadedModel:
-    """One interface over an HF GPT-2 and a trust_remote_code SIM-ONE, both loaded by Auto classes."""
+    """One interface over every folder kind of the model registry, each loaded by the Auto classes
+    (trust_remote_code where its kind ships its modelling code)."""
 
     def __init__(self, folder: Path, device: torch.device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = json.loads((folder / "config.json").read_text())
-        self.remote = "auto_map" in self.config
+        self.kind: FolderKind = folder_kind(self.config.get("model_type"))
+        if self.kind is None:
+            raise ValueError(f"model_type {self.config.get('model_type')!r} is none of {', '.join(folder_kinds())}")
+        self.remote = self.kind.trust_remote_code
         self.hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.remote, dtype=torch.float32,
                                                        use_safetensors=True)  # never a pickled .bin
         self.hf.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=self.remote)
         self.device = device
-        self.block_size = self.config.get("n_positions") or self.config["max_seq_len"]
+        self.block_size = self.kind.context_length(self.config)
         self.eos = self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -293,7 +299,7 @@ def validate_model(folder: Path, corpus, train_verses, val_verses, device, args)
     check_quality(report, folder, model, corpus, args)
     measure_verse_recall(report, model, train_verses, args.recall_verses)
     measure_retrieval(report, model, val_verses, args.retrieval_pairs)
-    if model.remote:
+    if model.kind.trace:
         write_trace(report, model, Path(args.models_dir) / f"validation_trace_{folder.name}.json")
     history = folder / "training_history.json"
     if history.is_file():
@@ -324,7 +330,7 @@ def write_outputs(reports: list[Report], out: Path, started: str, archives_only:
     models = {r.name: r.to_dict() for r in reports}
     histories = {r.name: r.metrics.pop("history") for r in reports if "history" in r.metrics}
     if archives_only:
-        previous = read_json(out / "validation_report.json")
+        previous = read_json_object(out / "validation_report.json")
         models = {**{k: v for k, v in previous.get("models", {}).items() if k != "archives"}, **models}
         started = previous.get("date", started)
     data = {"date": started, "passed": all(m["passed"] for m in models.values()), "models": models}

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import reexec_in_venv, run_trainer  # noqa: E402
 
 from mvlm_engine.config import setting  # noqa: E402  (torch-free)
+from mvlm_engine.packaging import RUN_SUMMARY  # noqa: E402  (torch-free)
 
 PROG = "ablation.py"
 # Other weights tried for each auxiliary loss (the default's own weight is the "default" row).
@@ -117,14 +118,14 @@ def held_out_retrieval(model_dir: Path, data_dir: str, pairs: int, max_tokens: i
 
 def run_variant(settings: AblationSettings, name: str, flags: list[str], extra: list[str]) -> dict:
     run_dir = Path(settings.output_dir) / slug(name)
-    if not (run_dir / "run_summary.json").is_file():
+    if not (run_dir / RUN_SUMMARY).is_file():
         args = ["--preset", settings.preset, "--data_dir", settings.data_dir, "--output_dir", run_dir,
                 "--device", settings.device, "--overwrite", "--eval_windows", settings.eval_windows,
                 *(["--max_steps", settings.max_steps] if settings.max_steps else []), *flags, *extra]
         print(f"[ablation] {name}: {' '.join(map(str, flags)) or '(defaults)'}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if settings.jobs > 1 else None
         run_trainer(HERE / "enhanced_train.py", args, Path(settings.output_dir) / f"{slug(name)}.log", env)
-    summary = json.loads((run_dir / "run_summary.json").read_text())
+    summary = json.loads((run_dir / RUN_SUMMARY).read_text())
     config = json.loads((run_dir / "train_config.json").read_text())
     retrieval = held_out_retrieval(run_dir, settings.data_dir, settings.retrieval_pairs,
                                    config["alignment_max_tokens"])

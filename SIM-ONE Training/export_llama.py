@@ -5,7 +5,9 @@
 
 Only a model with every governance mechanism off is numerically a Llama model, so anything
 else is refused in one line naming the mechanism (simone_transformer/llama_export.py says
-which). Tokenizer files are copied along. The output is written to a temporary sibling
+which). Tokenizer files are copied along, and the folder gets a model card (README.md, by
+release/card.py: the source's training records and, when the source has a card, its evaluation
+results and licence; the export computes what the source computes). The output is written to a temporary sibling
 directory and renamed into place, so a failed export leaves nothing half-written (a killed
 export's staging folder is removed by the next export). A model with a NaN or infinite weight
 is refused. Errors: one line, exit status 2 (1 for a full disk or an unwritable folder).
@@ -17,13 +19,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from mvlm_engine.checkpoint import step_checkpoints
+from mvlm_engine.checkpoint import refuse_non_finite_export
 from mvlm_engine.cli import OneLineParser, run_cli
 from mvlm_engine.errors import UserError
 from mvlm_engine.fileio import (ensure_free_space, folder_problem, plain_file_modes, remove_dead_staging,
                                 staging_path, storage_errors)
 
 PROG = "export_llama.py"
+CARD_NOTE = ("This folder is its export as a stock LlamaForCausalLM (every governance mechanism off), which "
+             "transformers and other Llama tooling load without trust_remote_code.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -57,22 +61,12 @@ def load_llama(model_dir: Path):
     except Exception as err:  # noqa: BLE001  (json, safetensors and the config check raise many types)
         first_line = (str(err).splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"--model_dir {model_dir} cannot be read ({type(err).__name__}: {first_line})") from None
-    refuse_non_finite(model_dir, state)
+    refuse_non_finite_export(state, model_dir)
     try:
         return to_llama(config, state, special_ids)
     except (ValueError, TypeError, RuntimeError) as err:
         first_line = (str(err).splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"--model_dir {model_dir}: {first_line}") from None
-
-
-def refuse_non_finite(model_dir: Path, state: dict) -> None:
-    import torch
-
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in state.values() if t.is_floating_point())
-    if bad:
-        found = step_checkpoints(model_dir / "checkpoints")
-        last = f"the last checkpoint is {found[-1]}" if found else "it has no checkpoints"
-        raise UserError(f"--model_dir {model_dir} holds {bad:,} NaN or infinite weights, so it was not exported; {last}")
 
 
 def keep_rope_theta_for_transformers4(config_path: Path) -> None:
@@ -90,6 +84,8 @@ def export(model_dir: Path, output_dir: Path) -> None:
     llama = load_llama(model_dir)
     from transformers import GenerationConfig
 
+    from release.card import write_export_card
+
     with storage_errors(output_dir.parent, "creating"):
         output_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_staging(output_dir.parent)
@@ -106,6 +102,7 @@ def export(model_dir: Path, output_dir: Path) -> None:
             for name in TOKENIZER_FILES:
                 if (model_dir / name).is_file():
                     shutil.copyfile(model_dir / name, staging / name)
+            write_export_card(model_dir, staging, output_dir.name, CARD_NOTE)
             if output_dir.exists():
                 output_dir.rmdir()  # empty, checked above
             plain_file_modes(staging)

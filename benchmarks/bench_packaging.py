@@ -5,31 +5,40 @@
     python3 benchmarks/bench_packaging.py [--megabytes 200] [--rounds 3]
 
 The folder holds one model.safetensors of normally distributed fp32 weights (std 0.02, as a
-trained model's mostly are) and a small config.json. Prints seconds, MB/s and archive sizes.
+trained model's mostly are) and a small config.json. Each level is packaged once to warm up, then
+`--rounds` times round-robin (measure.py's timers). Prints seconds, MB/s and archive sizes.
 """
 import argparse
 import json
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from mvlm_engine import packaging
-from mvlm_engine.cli import run_cli
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import interleaved, median, now, paired_ratio  # noqa: E402
+
+from mvlm_engine import packaging  # noqa: E402
+from mvlm_engine.cli import OneLineParser, run_cli  # noqa: E402
+
+LEVELS = {"level 9": 9, "level 0": 0}
 
 
-def timed_package(folder: Path, archive: Path, level: int) -> tuple[float, int]:
-    packaging.COMPRESS_LEVEL = level
-    started = time.perf_counter()
-    packaging.package_model(folder, archive)
-    return time.perf_counter() - started, archive.stat().st_size
+def package_timer(folder: Path, archive: Path, level: int):
+    """Seconds to write `archive` from `folder` at gzip `level`."""
+    def timer() -> float:
+        packaging.COMPRESS_LEVEL = level
+        started = now()
+        packaging.package_model(folder, archive)
+        return now() - started
+    return timer
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="bench_packaging.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
@@ -40,18 +49,16 @@ def main(argv=None) -> None:
         save_file({"weight": torch.randn(args.megabytes * 250_000) * 0.02}, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps({"model_type": "synthetic"}))
         size = sum(p.stat().st_size for p in folder.iterdir())
-        times = {9: [], 0: []}
-        for _ in range(args.rounds):
-            for level in times:
-                seconds, archive_bytes = timed_package(folder, Path(tmp) / f"level{level}.tar.gz", level)
-                times[level].append((seconds, archive_bytes))
+        archives = {name: Path(tmp) / f"level{level}.tar.gz" for name, level in LEVELS.items()}
+        samples = interleaved({name: package_timer(folder, archives[name], level) for name, level in LEVELS.items()},
+                              args.rounds)
+        archive_bytes = {name: archive.stat().st_size for name, archive in archives.items()}
     print(f"folder {size / 1e6:.0f} MB, {args.rounds} interleaved rounds (median)")
-    for level, runs in times.items():
-        seconds = statistics.median(s for s, _ in runs)
-        print(f"gzip level {level}: {seconds:.2f} s, {size / seconds / 1e6:.0f} MB/s, archive "
-              f"{runs[0][1] / size:.3f} of the folder")
-    print(f"level 0 / level 9 time ratio: "
-          f"{statistics.median(s for s, _ in times[0]) / statistics.median(s for s, _ in times[9]):.3f}")
+    for name, seconds in median(samples).items():
+        print(f"gzip {name}: {seconds:.2f} s, {size / seconds / 1e6:.0f} MB/s, archive "
+              f"{archive_bytes[name] / size:.3f} of the folder")
+    print(f"level 0 / level 9 time ratio (median of the rounds' ratios): "
+          f"{paired_ratio(samples, 'level 0', 'level 9'):.3f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Every folder under --models_dir with a config.json (or --models_dir itself) is loaded in a clean
 interpreter of each transformers version, with nothing of this repository importable:
-AutoTokenizer + AutoModelForCausalLM (trust_remote_code only for model_type "simone"), then 20
+AutoTokenizer + AutoModelForCausalLM (trust_remote_code where the model registry's kind of the
+folder ships its modelling code: SIM-ONE), then 20
 greedy tokens after a fixed prompt. The transformers 5 side is this interpreter's environment;
 the transformers 4 side is --tf4_python, a separate virtual environment, for example:
 
@@ -27,8 +28,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from model_registry import kind_of_folder
+from mvlm_engine.cli import OneLineParser, run_cli
+from mvlm_engine.errors import UserError
 from mvlm_engine.isolation import ISOLATE_FROM_REPO
 
+PROG = "check_transformers4.py"
 PROMPT = "In the beginning God created"
 NEW_TOKENS = 20
 NOT_MODEL_FILES = {"checkpoints", "tensorboard"}
@@ -79,7 +84,8 @@ def model_folders(models_dir: Path) -> list[Path]:
 
 
 def needs_remote_code(folder: Path) -> bool:
-    return json.loads((folder / "config.json").read_text()).get("model_type") == "simone"
+    kind = kind_of_folder(folder)
+    return bool(kind and kind.trust_remote_code)
 
 
 def run_child(python: str, folder: Path, workdir: Path) -> dict:
@@ -96,11 +102,6 @@ def run_child(python: str, folder: Path, workdir: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def context_length(config: dict) -> int | None:
-    for key in ("n_positions", "max_position_embeddings", "max_seq_len"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
 
 
 def patch_for_transformers4(folder: Path) -> list[str]:
@@ -109,8 +110,8 @@ def patch_for_transformers4(folder: Path) -> list[str]:
     1. tokenizer_config.json: transformers 5 writes tokenizer_class "TokenizersBackend", a class
        4.x lacks; "PreTrainedTokenizerFast" names the same tokenizer in both versions. An explicit
        model_max_length keeps 4.x from taking its "very large" default.
-    2. config.json of a Llama folder: transformers 5 keeps rope_theta inside rope_parameters,
-       4.x reads only the top-level rope_theta and silently falls back to 10000 without it.
+    2. config.json that keeps rope_theta only inside rope_parameters (transformers 5's Llama): 4.x
+       reads only the top-level rope_theta and silently falls back to 10000 without it.
     3. hf_model.py (SIM-ONE remote code): import the config base class under either name
        (PreTrainedConfig in 5.x, PretrainedConfig in 4.x), and import every sibling file directly:
        for a local folder, 4.x copies only the files the entry module itself imports.
@@ -122,7 +123,8 @@ def patch_for_transformers4(folder: Path) -> list[str]:
         if tok.get("tokenizer_class") != "PreTrainedTokenizerFast":
             changes.append(f"tokenizer_class {tok.get('tokenizer_class')!r} -> 'PreTrainedTokenizerFast'")
             tok["tokenizer_class"] = "PreTrainedTokenizerFast"
-        n_ctx = context_length(json.loads((folder / "config.json").read_text()))
+        kind = kind_of_folder(folder)
+        n_ctx = kind.context_length(json.loads((folder / "config.json").read_text())) if kind else None
         if "model_max_length" not in tok and n_ctx:
             changes.append(f"model_max_length -> {n_ctx}")
             tok["model_max_length"] = n_ctx
@@ -149,7 +151,7 @@ def patch_for_transformers4(folder: Path) -> list[str]:
 def add_top_level_rope_theta(config_path: Path) -> list[str]:
     config = json.loads(config_path.read_text())
     theta = (config.get("rope_parameters") or {}).get("rope_theta")
-    if config.get("model_type") != "llama" or theta is None or "rope_theta" in config:
+    if theta is None or "rope_theta" in config:
         return []
     config["rope_theta"] = theta
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -191,15 +193,15 @@ def check_folder(folder: Path, tf4_python: str, workdir: Path) -> bool:
     return same_tokens and same_logprob
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models_dir", type=Path, required=True, help="a model folder, or a folder of them")
     parser.add_argument("--tf4_python", required=True, help="python of a venv with transformers 4.57")
     parser.add_argument("--apply_fix", action="store_true", help="check patched copies (see patch_for_transformers4)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folders = model_folders(args.models_dir) if args.models_dir.is_dir() else []
     if not folders:
-        raise SystemExit(f"check_transformers4: error: no model folder (with config.json) in {args.models_dir}")
+        raise UserError(f"no model folder (with config.json) in {args.models_dir}")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for folder in folders:
@@ -212,4 +214,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(PROG, main, sys.argv[1:])

@@ -33,6 +33,8 @@ def ensure_corpus(data_dir: Path) -> None:
 
 def run_trainer(script: Path, args: list, log_path: Path, env: dict | None = None) -> dict:
     """Run a trainer to completion; return {"summary", "history", "wall_seconds"} of its output."""
+    from mvlm_engine.packaging import RUN_SUMMARY
+
     out = Path(args[args.index("--output_dir") + 1])
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -42,5 +44,5 @@ def run_trainer(script: Path, args: list, log_path: Path, env: dict | None = Non
     if proc.returncode != 0:
         tail = log_path.read_text()[-2000:]
         raise SystemExit(f"[bench] {script.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return {"summary": json.loads((out / "run_summary.json").read_text()),
+    return {"summary": json.loads((out / RUN_SUMMARY).read_text()),
             "history": json.loads((out / "training_history.json").read_text()), "wall_seconds": wall}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from measure import (bare_loop_timer, engine_run, engine_timer, flops_per_token, interleaved, median, now,
                      paired_ratio)
-from sections import OLD_PATH
+from sections import old_path
 
 GPT2_SAME_SHAPE_AS_SIMONE_TINY = {"n_layer": 4}  # SIM-ONE tiny: 4 layers x 128 (GPT-2 tiny: 2 x 128)
 SIMONE_ALL_OFF = {"coherence_weight": 0.0, "alignment_weight": 0.0, "z_loss_weight": 0.0, "memory_tokens": 0,
@@ -25,8 +25,8 @@ def engine_variants(quick: bool) -> list[tuple[str, str, dict]]:
     """(name, model, flags over the tiny preset). The bare loop reuses "gpt2 4x128"'s model."""
     same = GPT2_SAME_SHAPE_AS_SIMONE_TINY
     core = [("simone", "simone", {}), ("gpt2 4x128", "gpt2", same),
-            ("simone, old path", "simone", OLD_PATH["simone"]),
-            ("gpt2 4x128, old path", "gpt2", {**same, **OLD_PATH["gpt2"]}), (BARE_LOOP, "gpt2", same)]
+            ("simone, old path", "simone", old_path("simone")),
+            ("gpt2 4x128, old path", "gpt2", {**same, **old_path("gpt2")}), (BARE_LOOP, "gpt2", same)]
     if quick:
         return core
     return core + [

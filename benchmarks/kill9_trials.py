@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train_all_models import TRAINERS  # noqa: E402  (the pipeline's one table of trainers)
+from model_registry import MODELS  # noqa: E402  (the one table of models)
 
 # Small enough for a CPU: STEPS steps of 8 x 64 tokens, a checkpoint every 2 steps (evaluation
 # settings change no weight, so a run with other ones must still end bit-identical).
@@ -39,10 +39,11 @@ SETTINGS = ["--preset", "tiny", "--device", "cpu", "--vocab_size", "1024", "--bl
             "--save_interval", "2", "--eval_interval", "8", "--eval_windows", "8", "--log_interval", str(LOG_INTERVAL),
             "--keep_checkpoints", "3", "--seed", "5"]
 STEPS = 16
+PROG = "kill9_trials.py"
 
 
 def command(trainer: str, data_dir: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return [sys.executable, str(TRAINERS[trainer].script), "--data_dir", str(data_dir), "--output_dir", str(out),
+    return [sys.executable, str(MODELS[trainer].trainer), "--data_dir", str(data_dir), "--output_dir", str(out),
             *SETTINGS, "--max_steps", str(steps), *extra]
 
 
@@ -155,13 +156,15 @@ def small_corpus(work: Path) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="gpt2")
+def main(argv=None) -> int:
+    from mvlm_engine.cli import OneLineParser
+
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trainer", choices=sorted(MODELS), default="gpt2")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or small_corpus(Path(tmp))
         results = run_trials(args.trainer, data_dir.resolve(), Path(tmp), args.trials, args.seed)
@@ -173,8 +176,9 @@ def main() -> None:
     killed = sum(r["was_killed"] for r in results)
     print(f"{args.trainer}: {identical}/{len(results)} bit-identical; {killed} of them killed by SIGKILL, "
           f"{inside} inside a checkpoint write")
-    sys.exit(0 if identical == killed == len(results) else 1)
+    return 0 if identical == killed == len(results) else 1
 
 
 if __name__ == "__main__":
-    main()
+    from mvlm_engine.cli import run_cli
+    run_cli(PROG, main, sys.argv[1:])

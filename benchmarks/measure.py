@@ -127,25 +127,15 @@ class PeakMemory:
 
 
 def resolve_run_config(model: str, flags: dict):
+    """The run's settings as the model's trainer resolves them (model: a name in model_registry.MODELS)."""
+    from model_registry import MODELS
     from mvlm_engine.cli import resolve_settings
 
-    if model == "gpt2":
-        from mvlm_trainer import GPT2RunConfig
-        return resolve_settings(GPT2RunConfig, flags, {})
-    from prioritary_mvlm.config import PrioritaryConfig
-    return resolve_settings(PrioritaryConfig, flags, {})
-
-
-def build_task(model: str, cfg, runtime):
-    if model == "gpt2":
-        import mvlm_trainer
-        return mvlm_trainer.build_task(cfg, runtime)
-    from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer
-    return EnhancedPrioritaryTrainer(cfg, runtime).build_task()
+    return resolve_settings(MODELS[model].run_config(), flags, {})
 
 
 def engine_run(model: str, flags: dict, runtime, output_dir: Path):
-    """A training run of `model` ("gpt2" or "simone") as the trainer builds it, started by the
+    """A training run of `model` (a name in model_registry.MODELS) as the trainer builds it, started by the
     engine (optimizer, DDP/compile wrapping, prefetch) and ready for `engine_timer`."""
     from tqdm import tqdm
 
@@ -153,8 +143,10 @@ def engine_run(model: str, flags: dict, runtime, output_dir: Path):
 
     flags = {"max_steps": 10 ** 6, "log_interval": 10 ** 6, "eval_interval": 10 ** 6, "save_interval": 10 ** 6,
              "warmup_steps": 10, "output_dir": str(output_dir), "overwrite": True, **flags}
+    from model_registry import MODELS
+
     cfg = resolve_run_config(model, flags)
-    task, data = build_task(model, cfg, runtime)
+    task, data = MODELS[model].build_task(cfg, runtime)
     with contextlib.redirect_stderr(io.StringIO()):  # the engine's progress bar: not wanted here
         run = start_or_restore(cfg, task, runtime, data)
         run.progress.close()
@@ -207,40 +199,32 @@ def bare_loop_timer(run, steps: int) -> Callable[[], float]:
 
 
 def attention_backend(model: str, cfg, runtime) -> str:
-    """The attention kernel this run's model uses here (flash-attn, or SDPA's pick, probed)."""
-    from mvlm_engine.runtime import sdpa_backend_name
+    """The attention kernel this run's model uses here (flash-attn, or SDPA's pick, probed by its
+    registry hook)."""
+    from model_registry import MODELS
 
-    shape = cfg.model
-    if model == "gpt2":
-        return "sdpa/" + sdpa_backend_name(runtime, shape.n_head, shape.n_embd // shape.n_head)
-    from simone_transformer.rope_attention import resolve_attention_backend
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[runtime.precision]
-    if resolve_attention_backend(shape.attention_backend, runtime.device, dtype) == "flash":
-        return "flash-attn"
-    return "sdpa/" + sdpa_backend_name(runtime, shape.n_heads, shape.d_model // shape.n_heads)
+    hook = MODELS[model].attention_backend
+    return hook(cfg, runtime) if hook else "n/a (no attention_backend hook in model_registry.py)"
 
 
 def build_objective(model: str, cfg):
     """The training module exactly as the trainer builds it, for the vocabulary the run config
     asks for (no corpus or tokenizer needed)."""
-    if model == "gpt2":
-        import mvlm_trainer
-        return mvlm_trainer.build_objective(cfg, cfg.vocab_size, 0)
-    from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer
-    return EnhancedPrioritaryTrainer(cfg, None).build_objective(cfg.vocab_size)
+    from model_registry import MODELS
+
+    return MODELS[model].build_objective(cfg)
 
 
 def synthetic_batch(model: str, cfg, generator: torch.Generator) -> dict:
-    """A micro-batch of the run's shapes with random token ids: (batch, block) inputs and
-    labels and, for SIM-ONE with alignment on, (2 P, max_tokens) verse pairs, all real tokens."""
+    """A micro-batch of the run's shapes with random token ids: (batch, block) inputs and labels,
+    plus whatever else the model's objective reads (its registry hook: SIM-ONE's verse pairs)."""
+    from model_registry import MODELS
+
     shape = (cfg.batch_size, cfg.block_size)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, shape, generator=generator),
              "labels": torch.randint(0, cfg.vocab_size, shape, generator=generator)}
-    if model == "simone" and cfg.alignment_weight > 0:
-        pairs = (2 * cfg.alignment_pairs, cfg.alignment_max_tokens)
-        batch.update(pair_ids=torch.randint(0, cfg.vocab_size, pairs, generator=generator),
-                     pair_mask=torch.ones(pairs, dtype=torch.long))
-    return batch
+    extras = MODELS[model].synthetic_extras
+    return {**batch, **(extras(cfg, generator) if extras else {})}
 
 
 def flops_per_token(model: str, run) -> float:

@@ -18,11 +18,24 @@ from measure import repo_paths
 
 repo_paths()
 PREPARE = REPO / "mvlm_training_dataset_complete" / "prepare.py"
-MODELS = ("gpt2", "simone")
-# The old path, piece by piece behind its setting: full logits, plain-op layers, no prefetch,
-# and for SIM-ONE verse pairs tokenized every micro-step.
-FAST_PATH_OFF = {"chunked_loss": False, "fused_layers": False, "prefetch_batches": False}
-OLD_PATH = {"gpt2": FAST_PATH_OFF, "simone": {**FAST_PATH_OFF, "alignment_pair_cache": False}}
+# The old path, piece by piece behind its setting: full logits, plain-op layers, no prefetch, and
+# (SIM-ONE) verse pairs tokenized every micro-step; each model gets those of its run config's settings.
+FAST_PATH_SETTINGS = ("chunked_loss", "fused_layers", "prefetch_batches", "alignment_pair_cache")
+
+
+def benchmark_models() -> list[str]:
+    """The models the memory and train sections measure: every model of the registry."""
+    from model_registry import model_names
+    return model_names()
+
+
+def old_path(model: str) -> dict:
+    """The flags that switch `model` back to the old path: each fast-path setting its run config has, off."""
+    from model_registry import MODELS
+    from mvlm_engine.config import leaves
+
+    settings = leaves(MODELS[model].run_config())
+    return {name: False for name in FAST_PATH_SETTINGS if name in settings}
 
 
 # --------------------------------------------------------------------------- data
@@ -156,10 +169,10 @@ def section_memory(plan, quick: bool, report: dict) -> None:
     env, kind = malloc_env(plan)
     rows, jobs = {"measured as": kind}, {}
     for preset in plan.memory_presets:
-        for model in MODELS:
+        for model in benchmark_models():
             flags = {"preset": preset, "device": plan.device, **memory_batch_size(plan, preset)}
             spec = {"kind": "memory", "model": model, "device": plan.device}
-            jobs[(model, preset)] = [{**spec, "flags": {**flags, **OLD_PATH[model]}}, {**spec, "flags": flags}]
+            jobs[(model, preset)] = [{**spec, "flags": {**flags, **old_path(model)}}, {**spec, "flags": flags}]
     # Each child's peak is its own process's, so two run at once (RAM permitting) to save time.
     with ThreadPoolExecutor(max_workers=1 if plan.device == "cuda" else 2) as pool:
         results = {key: [pool.submit(run_child, spec, env) for spec in specs] for key, specs in jobs.items()}
@@ -176,7 +189,7 @@ def section_train(plan, quick: bool, report: dict) -> None:
     fast path on, each configuration in a fresh process."""
     rows = {}
     for preset in plan.presets:
-        for model in MODELS:
+        for model in benchmark_models():
             flags = {"preset": preset, "device": plan.device, "data_dir": str(plan.data_dir),
                      "cache_dir": str(plan.cache_dir), "compile": None if plan.device == "cuda" else False}
             rows[f"{model} {preset}"] = run_child({"kind": "train", "model": model, "device": plan.device,

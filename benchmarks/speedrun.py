@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_corpus, reexec_in_venv, run_trainer  # noqa: E402
+from common import ensure_corpus, reexec_in_venv, run_trainer  # noqa: E402
 
+from model_registry import MODELS  # noqa: E402  (torch-free)
 from mvlm_engine.config import setting  # noqa: E402  (torch-free)
 
 PROG = "speedrun.py"
-TRAINERS = {"gpt2": REPO / "mvlm_trainer.py", "simone": REPO / "SIM-ONE Training" / "enhanced_train.py"}
+TRAINERS = {name: MODELS[name].trainer for name in ("gpt2", "simone")}  # the pair this race compares
 # Per preset: the budget and the shapes that give both models the same non-embedding size.
 PLANS = {
     "tiny": {"steps": 300, "batch": ["--batch_size", 16, "--gradient_accumulation_steps", 1, "--block_size", 128,

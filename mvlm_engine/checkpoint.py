@@ -74,12 +74,13 @@ def state_bytes(module: torch.nn.Module, optimizer) -> int:
 
 def non_finite_values(module: torch.nn.Module) -> int:
     """How many weights (parameters and floating buffers) are NaN or infinite; 0 costs one pass."""
-    return non_finite_in(list(module.state_dict().values()))
+    return count_non_finite(module.state_dict().values())
 
 
-def non_finite_in(tensors: list[torch.Tensor]) -> int:
-    """How many values of the floating tensors in `tensors` are NaN or infinite; 0 costs one pass."""
-    tensors = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+def count_non_finite(weights) -> int:
+    """How many values of `weights` (tensors or numpy arrays) are NaN or infinite."""
+    tensors = [torch.as_tensor(w).detach() for w in weights]
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
     if not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()):
         return 0
     return int(sum((~torch.isfinite(t)).sum().item() for t in tensors))
@@ -99,6 +100,15 @@ def refuse_non_finite(module: torch.nn.Module, what: str, root: Path) -> None:
                                f"{last_good_checkpoint(root)} (resume from it with a lower --learning_rate)")
 
 
+def refuse_non_finite_export(weights: dict, model_dir: Path) -> None:
+    """UserError naming the last good checkpoint if a saved model's `weights` (name -> tensor or
+    array) hold a NaN or infinite value: the exporters never write such a model."""
+    bad = count_non_finite(weights.values())
+    if bad:
+        raise UserError(f"--model_dir {model_dir} holds {bad:,} NaN or infinite weights, so it was not exported; "
+                        f"{last_good_checkpoint(Path(model_dir) / 'checkpoints')}")
+
+
 def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, trainer_state: dict,
                     config: dict, average: WeightAverage | None = None) -> Path:
     """Write a complete checkpoint to `folder` atomically (replacing an older one of that name),
@@ -110,7 +120,7 @@ def save_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scaler, tr
     refuse_non_finite(module, f"checkpoint {folder.name}", folder.parent)
     needed = state_bytes(module, optimizer)
     if average is not None:
-        if non_finite_in(average.averaged):
+        if count_non_finite(average.averaged):
             raise TrainingDiverged(f"the weight average holds NaN or infinite values, so checkpoint {folder.name} was "
                                    f"not written; {last_good_checkpoint(folder.parent)}")
         trainer_state = {**trainer_state, "average": average.state()}
@@ -358,7 +368,7 @@ def restore_average(folder: Path, average: WeightAverage | None, state: dict, st
         if tensors.keys() != params.keys() or any(t.shape != params[k].shape or t.dtype != torch.float32
                                                   for k, t in tensors.items()):
             damage = f"{AVERAGE_FILE} does not fit this model's parameters"
-        elif non_finite_in(list(tensors.values())):
+        elif count_non_finite(tensors.values()):
             damage = f"{AVERAGE_FILE} holds NaN or infinite values"
     if damage is not None:
         raise UserError(f"checkpoint {folder}: its weight average is damaged ({damage}); resume from another "

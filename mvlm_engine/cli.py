@@ -18,11 +18,11 @@ from .env import REPO_ROOT
 from .errors import StorageError, TrainingDiverged, TrainingInterrupted, UserError, fail
 from .fileio import folder_problem, storage_message
 from .locks import FileLock, folder_holder, in_use_message, lock_folder
-from .packaging import MODEL_MANIFEST
+from .packaging import MODEL_MANIFEST, RUN_SUMMARY
 from .stopping import STOP
 
 # A folder holding any of these holds a finished (or exported) model.
-FINISHED_MARKERS = ("run_summary.json", MODEL_MANIFEST, "model.safetensors")
+FINISHED_MARKERS = (RUN_SUMMARY, MODEL_MANIFEST, "model.safetensors")
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line ('prog: error: ...', exit 2), like every other error here."""
@@ -222,7 +222,7 @@ def run_cli(prog: str, main, argv=None) -> typing.NoReturn:
 
 
 def release_output_dirs() -> None:
-    """Give up the output dirs this process claimed (emptying their lock records)."""
+    """Give up the output dirs this process claimed (removing their lock files)."""
     while HELD:
         HELD.popitem()[1].release()
 

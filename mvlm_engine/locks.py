@@ -6,8 +6,13 @@ lock while it reads it. The kernel drops a flock when its process dies, even by 
 lock file left by a dead process is simply taken over (its record says whose it was). The
 record (PID, host, purpose, start time) is what a second process names in its one-line refusal.
 Every exit that runs Python's exit (a normal end, an error, a stop) releases the locks still
-held and empties their records (`release_held_locks`), so a takeover is logged only after a
-crash or a kill -9.
+held (`release_held_locks`), so a takeover is logged only after a crash or a kill -9.
+
+A released lock's file is removed, so that a finished model folder holds no `.lock` for an upload
+to carry. Safely: the holder unlinks the file while it still holds the flock, and whoever takes a
+flock checks that its file is still the one at the path (same inode) and starts over if not; so a
+process that opened the old file before the removal never holds a lock beside the new file's
+holder. Where the file cannot be removed (a read-only folder) its record is emptied instead.
 flock needs a local filesystem or NFSv4; on others, two writers are not prevented.
 """
 from __future__ import annotations
@@ -43,15 +48,19 @@ class FileLock:
 
     def try_acquire(self) -> dict | None:
         """None when the lock is now ours; else the holder's record ({} if it has written none yet)."""
-        fd = self._open()
-        if fd is None:
-            return None  # nobody can have written a lock file here, so nobody writes here
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = read_record(fd)
-            os.close(fd)
-            return holder
+        while True:
+            fd = self._open()
+            if fd is None:
+                return None  # nobody can have written a lock file here, so nobody writes here
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = read_record(fd)
+                os.close(fd)
+                return holder
+            if at_path(fd, self.path):
+                break
+            os.close(fd)  # its holder removed this file as it released it: lock the file now at the path
         self.fd, self.owner, self.previous = fd, os.getpid(), read_record(fd)
         HELD_LOCKS.add(self)
         record = {"pid": os.getpid(), "host": HOST, "purpose": self.purpose, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -75,14 +84,26 @@ class FileLock:
             raise StorageError(storage_message(err, self.path, "opening the lock file")) from None
 
     def release(self) -> None:
+        """Remove the lock file (or empty its record), then drop the flock."""
         if self.fd is not None:
             if self.owner == os.getpid():  # a forked child's unlock would drop its parent's lock (one open file)
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self.fd, 0)  # an empty record: released, not abandoned
+                self._remove_file()
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
         HELD_LOCKS.discard(self)
+
+    def _remove_file(self) -> None:
+        """Unlink the file while the flock is still ours (see the module docstring); where it cannot
+        be removed, an empty record says: released, not abandoned."""
+        try:
+            if at_path(self.fd, self.path):
+                os.unlink(self.path)
+                return
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
 
     def __enter__(self):
         return self
@@ -101,6 +122,15 @@ def release_held_locks() -> None:
 
 
 atexit.register(release_held_locks)
+
+
+def at_path(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is the file now at `path` (not one removed from it)."""
+    try:
+        found, opened = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def read_record(fd: int) -> dict:

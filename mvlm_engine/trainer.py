@@ -38,7 +38,7 @@ from .guard import StepGuard
 from .logs import get_logger
 from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
 from .optim import apply_schedule, build_optimizer, optimizers_of
-from .packaging import MODEL_MANIFEST, write_model_manifest
+from .packaging import MODEL_MANIFEST, RUN_SUMMARY, write_model_manifest
 from .prefetch import with_prefetch
 from .runtime import Runtime
 from .shards import TokenData
@@ -221,7 +221,7 @@ def clear_earlier_run(run: Run) -> None:
     """A fresh start: drop an earlier run's "finished" markers (and its checkpoints with --overwrite)."""
     if run.cfg.overwrite:
         shutil.rmtree(run.ckpt_root, ignore_errors=True)  # the user asked to start over
-    for marker in ("run_summary.json", MODEL_MANIFEST):
+    for marker in (RUN_SUMMARY, MODEL_MANIFEST):
         (run.out / marker).unlink(missing_ok=True)
 
 
@@ -455,7 +455,7 @@ def finish(run: Run) -> dict:
             plot_history(run.history.data, run.out / "loss_curve.png", run.task.name)
         except Exception as err:  # noqa: BLE001  (a plot must never cost a finished run its summary)
             log.warning(f"WARNING: loss_curve.png not written ({err.__class__.__name__}: {err})")
-        atomic_write_text(run.out / "run_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run.out / RUN_SUMMARY, json.dumps(summary, indent=1) + "\n")
         write_model_manifest(run.out)  # last: validation checks every file against it
         log.info(f"done: held-out loss {summary['final_val_loss']:.4f}, {summary['final_val_bpb']:.4f} "
                  f"bits/byte; model in {run.out}")

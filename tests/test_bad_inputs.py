@@ -33,9 +33,9 @@ SCRIPTS = {
 
 
 def load_script(name: str):
-    if name == "packaging":
-        from mvlm_engine import packaging
-        return packaging
+    if name == "release.package":
+        from release import package
+        return package
     if str(SIMONE_DIR) not in sys.path:
         sys.path.insert(0, str(SIMONE_DIR))
     return import_script(SCRIPTS[name], f"battery_{name.replace('.', '_')}")
@@ -440,10 +440,8 @@ PACKAGING_CASES = [
      "which is a file"),
     ("downloads_read_only", lambda ws: ["--models_dir", str(ws.runs), "--download_dir", str(ws.ro / "empty")],
      "cannot be written"),
-    ("formats_no_module", lambda ws: ["--models_dir", str(ws.runs), "--download_dir", str(ws.missing),
-                                      "--formats", "no_such_format"], "--formats: no module 'no_such_format'"),
-    ("formats_not_a_format", lambda ws: ["--models_dir", str(ws.runs), "--download_dir", str(ws.missing),
-                                         "--formats", "json"], "has no DOWNLOAD_FORMAT"),
+    ("formats_unknown", lambda ws: ["--models_dir", str(ws.runs), "--download_dir", str(ws.missing),
+                                    "--formats", "no_such_format"], "--formats: invalid choice: 'no_such_format'"),
 ]
 
 CASES = [("mvlm_trainer.py", name, lambda ws, f=f: gpt2(ws, *f(ws)), needle) for name, f, needle in
@@ -455,7 +453,7 @@ CASES = [("mvlm_trainer.py", name, lambda ws, f=f: gpt2(ws, *f(ws)), needle) for
         [("prepare.py", *case) for case in PREPARE_CASES] + \
         [("export_llama.py", *case) for case in EXPORT_CASES] + \
         [("export_gguf.py", *case) for case in GGUF_CASES] + \
-        [("packaging", *case) for case in PACKAGING_CASES]
+        [("release.package", *case) for case in PACKAGING_CASES]
 
 
 @pytest.fixture(scope="module")
@@ -493,11 +491,11 @@ def test_bad_input_is_one_line_and_changes_nothing(cli, name, argv, needle, ws, 
     ("prepare.py", ["--from_verses", "/nonexistent/verses.jsonl"], "--from_verses needs"),
     ("export_llama.py", ["--model_dir", "/nonexistent", "--output_dir", "/tmp/x"], "is not a directory"),
     ("export_gguf.py", ["--model_dir", "/nonexistent", "--output", "/tmp/x.gguf"], "is not a directory"),
-    ("packaging", ["--models_dir", "/nonexistent"], "is not a folder"),
+    ("release.package", ["--models_dir", "/nonexistent"], "is not a folder"),
 ])
 def test_each_real_entry_point_answers_in_one_line(cli, argv, needle, tmp_path):
-    if cli == "packaging":
-        proc = run_script("-m", "mvlm_engine.packaging", *argv, cwd=tmp_path)
+    if cli == "release.package":
+        proc = run_script("-m", "release.package", *argv, cwd=tmp_path)
     else:
         proc = run_script(SCRIPTS[cli], *argv, cwd=tmp_path)
     assert_one_line_error(proc, needle)

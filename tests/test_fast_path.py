@@ -154,25 +154,26 @@ def test_gpt2_fused_gelu_equals_gelu_new():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("model", ["gpt2", "simone"])
-def test_old_path_settings_reach_the_objective(model):
-    """--no_chunked_loss and --no_fused_layers switch the built objective back to the old path."""
+def old_and_fast_objectives(model: str) -> list:
+    """The objective the registry's hook builds for `model` at the tiny preset, fast path on, then off."""
+    from model_registry import MODELS
     from mvlm_engine.cli import resolve_settings
 
-    if model == "gpt2":
-        from mvlm_trainer import GPT2RunConfig, build_objective
-        flags = {"preset": "tiny", "vocab_size": 300}
-        objectives = [build_objective(resolve_settings(GPT2RunConfig, {**flags, **extra}, {}), 300, 0)
-                      for extra in ({}, {"chunked_loss": False, "fused_layers": False})]
-        assert [o.model.config.activation_function for o in objectives] == ["gelu_pytorch_tanh", "gelu_new"]
-    else:
-        from prioritary_mvlm.config import PrioritaryConfig
-        from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer
-        objectives = [EnhancedPrioritaryTrainer(resolve_settings(PrioritaryConfig, {"preset": "tiny", **extra}, {}),
-                                                None).build_objective(300)
-                      for extra in ({}, {"chunked_loss": False, "fused_layers": False})]
-        flags_of = [{m.fused for m in o.modules() if hasattr(m, "fused")} for o in objectives]
-        assert flags_of == [{True}, {False}]
+    spec = MODELS[model]
+    return [spec.build_objective(resolve_settings(spec.run_config(), {"preset": "tiny", "vocab_size": 300, **extra}, {}))
+            for extra in ({}, {"chunked_loss": False, "fused_layers": False})]
+
+
+def test_old_path_settings_reach_the_gpt2_objective():
+    """--no_chunked_loss and --no_fused_layers switch the built objective back to the old path."""
+    objectives = old_and_fast_objectives("gpt2")
+    assert [o.model.config.activation_function for o in objectives] == ["gelu_pytorch_tanh", "gelu_new"]
+    assert [o.chunked_loss for o in objectives] == [True, False]
+
+
+def test_old_path_settings_reach_the_simone_objective():
+    objectives = old_and_fast_objectives("simone")
+    assert [{m.fused for m in o.modules() if hasattr(m, "fused")} for o in objectives] == [{True}, {False}]
     assert [o.chunked_loss for o in objectives] == [True, False]
 
 

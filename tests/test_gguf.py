@@ -1,4 +1,4 @@
-"""export_gguf.py: GGUF files for llama.cpp from MVLM-GPT2, SIM-ONE and Llama folders.
+"""export_gguf.py (release/gguf_conversion.py): GGUF files for llama.cpp from MVLM-GPT2, SIM-ONE and Llama folders.
 
 Unit tests (run wherever the `gguf` package is installed, as in CI; seconds): the file reads
 back with gguf's GGUFReader with the right architecture, tensors and tokenizer keys; q/k rows
@@ -112,13 +112,14 @@ exporter = load_script(EXPORT, "export_gguf")
 
 
 def run_main(capsys, *args):
-    """export_gguf's command line in-process: (exit status, stdout, stderr) as a process would give."""
-    try:
-        status = exporter.main([str(a) for a in args])
-    except SystemExit as stop:  # argparse usage errors
-        status = stop.code
+    """export_gguf's command line in-process, through run_cli as the script runs it: (exit status,
+    stdout, stderr) as a process would give."""
+    from mvlm_engine.cli import run_cli
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(exporter.PROG, exporter.main, [str(a) for a in args])
     out, err = capsys.readouterr()
-    return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
+    return types.SimpleNamespace(returncode=stop.value.code or 0, stdout=out, stderr=err)
 
 
 def export(capsys, model_dir, output, *extra):
@@ -414,9 +415,10 @@ def test_a_dead_exports_temporary_file_is_removed_and_a_live_ones_kept(gpt2_dir,
 
 @pytest.fixture(scope="module")
 def packaged(gpt2_dir, tokenizer_file, tmp_path_factory):
-    """packaging's command line (in-process) with --formats export_gguf over a GPT-2 folder and a
+    """release.package's command line (in-process) with --formats gguf over a GPT-2 folder and a
     governed SIM-ONE; the download folder held a .gguf of an earlier model of the SIM-ONE's name."""
-    from mvlm_engine.packaging import main as package_main, write_model_manifest
+    from mvlm_engine.packaging import write_model_manifest
+    from release.package import main as package_main
     root = tmp_path_factory.mktemp("packaged")
     models, downloads = root / "models", root / "downloads"
     shutil.copytree(gpt2_dir, models / "mvlm_gpt2")
@@ -425,7 +427,7 @@ def packaged(gpt2_dir, tokenizer_file, tmp_path_factory):
         write_model_manifest(models / name)
     downloads.mkdir()
     (downloads / "simone_enhanced.gguf").write_bytes(b"an earlier, expressible model's file")
-    package_main(["--models_dir", str(models), "--download_dir", str(downloads), "--formats", "export_gguf"])
+    package_main(["--models_dir", str(models), "--download_dir", str(downloads), "--formats", "gguf"])
     return models, downloads
 
 
@@ -436,7 +438,7 @@ def sums_of(downloads):
 
 def test_packaging_writes_a_gguf_beside_the_archive_listed_in_sha256sums(packaged):
     from mvlm_engine.fileio import sha256_file
-    from mvlm_engine.packaging import GENERATION_DEFAULTS
+    from release import GENERATION_DEFAULTS
     _, downloads = packaged
     reader, tensors = read_gguf(downloads / "mvlm_gpt2.gguf")
     assert field(reader, "general.architecture") == "gpt2" and len(tensors) == 28
@@ -486,19 +488,21 @@ def test_a_corrupted_gguf_fails_the_archives_check_in_one_line(packaged, tmp_pat
 
 def test_a_broken_folder_is_an_error_not_a_note(gpt2_dir, tmp_path):
     from mvlm_engine.errors import UserError
+    from release.package import FORMATS
     broken = shutil.copytree(gpt2_dir, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="is not a readable safetensors file"):
-        exporter.DOWNLOAD_FORMAT.write(broken, tmp_path / "broken.gguf")
+        FORMATS["gguf"].write(broken, tmp_path / "broken.gguf")
     assert list(tmp_path.iterdir()) == [broken]
 
 
-def test_an_unknown_format_module_is_one_line(packaged, tmp_path):
-    from mvlm_engine.errors import UserError
-    from mvlm_engine.packaging import main as package_main
+def test_an_unknown_format_is_one_line(packaged, tmp_path, capsys):
+    from release.package import main as package_main
     models, _ = packaged
-    with pytest.raises(UserError, match="--formats: no module 'no_such_format' importable"):
+    with pytest.raises(SystemExit) as stop:
         package_main(["--models_dir", str(models), "--download_dir", str(tmp_path / "d"), "--formats", "no_such_format"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "--formats: invalid choice: 'no_such_format'" in lines[0]
     assert not (tmp_path / "d").exists()
 
 

@@ -46,6 +46,7 @@ def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_r
         assert 0 < stage["exported_step"] <= 24 and stage["final_val_bpb"] <= stage["last_val_bpb"]
     for name in ("mvlm_gpt2", "simone_enhanced"):
         assert (root / "models" / name / "model.safetensors").is_file()
+        assert not (root / "models" / name / ".lock").exists()  # released and removed: nothing for an upload to carry
         assert (root / "downloads" / f"{name}.tar.gz").is_file()
         assert (root / "logs" / ("gpt2.log" if name == "mvlm_gpt2" else "simone.log")).is_file()
     assert (root / "downloads" / "SHA256SUMS").read_text().count(".tar.gz") == 2

@@ -500,7 +500,7 @@ def test_trust_remote_code_load_and_padded_pipeline_batch_in_clean_process(tmp_p
     model=DIR, trust_remote_code=True), tokenizer padding on the left, batch_size=2, returns
     the text of one call per prompt."""
     from mvlm_engine.isolation import load_in_clean_interpreter
-    from mvlm_engine.packaging import GENERATION_DEFAULTS
+    from release import GENERATION_DEFAULTS
     from mvlm_engine.tokenizer import save_hf_tokenizer
 
     model = make_model(vocab_size=300, policy_gate=True, memory_tokens=3)

@@ -16,12 +16,12 @@ from mvlm_engine.data import BlockSampler, LMBatches
 from mvlm_engine.fileio import plain_file_modes
 from mvlm_engine.logs import get_logger
 from mvlm_engine.metrics import transformer_flops_per_token
-from mvlm_engine.packaging import GENERATION_DEFAULTS
 from mvlm_engine.parallel_verses import EncodedPairs, ParallelVerses, encode_padded
 from mvlm_engine.runtime import Runtime, sdpa_backend_name
 from mvlm_engine.shards import prepare_token_data
 from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer
 from mvlm_engine.trainer import TrainingTask, fit
+from release import GENERATION_DEFAULTS
 from simone_transformer import SimOneModel
 from simone_transformer.hf_model import save_pretrained_dir
 

@@ -47,9 +47,11 @@ HELD_OUT_BOOKS = ("Philippians", "Colossians")
 BASELINE_ARGS = {
     "simone": ["--optimizer", "muon", "--muon_lr", 0.02, "--learning_rate", 0.05, "--head_lr", 0.008,
                "--scalar_lr", 0.02, "--beta1", 0.8, "--weight_decay", 0.0, "--muon_weight_decay", 0.0,
-               "--schedule", "cosine", "--min_lr_ratio", 0.1, "--warmup_steps", 30],
+               "--schedule", "cosine", "--min_lr_ratio", 0.1, "--warmup_steps", 30, "--ema_decay", 0.0,
+               "--dropout", 0.0, "--attention_dropout", 0.0],
     "gpt2": ["--optimizer", "adamw", "--learning_rate", 3e-3, "--weight_decay", 0.1, "--schedule", "cosine",
-             "--min_lr_ratio", 0.1, "--warmup_steps", 30],
+             "--min_lr_ratio", 0.1, "--warmup_steps", 30, "--ema_decay", 0.0, "--resid_pdrop", 0.0,
+             "--embd_pdrop", 0.0, "--attn_pdrop", 0.0],
 }
 
 
@@ -59,7 +61,7 @@ class SlowrunSettings:
     json: bool = setting(False, "end with one line of JSON")
     model: Literal["simone", "gpt2"] = setting("simone", "which trainer")
     seeds: int = setting(2, "seeds per recipe (each seed: its own data order and initialisation)")
-    epochs: float = setting(6.0, "passes over the proxy's training books")
+    epochs: float = setting(3.0, "passes over the proxy's training books (the pipeline's default: 3)")
     evals_per_epoch: int = setting(4, "held-out evaluations per epoch")
     eval_windows: int = setting(128, "held-out windows of 128 tokens per evaluation")
     new_args: str = setting("", "extra trainer flags for the 'new' recipe, as one shell-quoted string")

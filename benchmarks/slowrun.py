@@ -20,6 +20,11 @@ far the curve turned up). Over seeds: the seed spread (max - min of the best, th
 two recipes'). "baseline" is the recipe before the data-limited work (pinned here flag by flag, so
 it stays what it was when defaults move); "new" is the trainer's default (plus --new_args).
 With --json the last line is one JSON object with the lists per seed.
+
+--distill: the new recipe over 4 seeds (single_bpb: their mean, seed_spread: max - min), their
+probability-averaged ensemble (ensemble_bpb, mvlm_engine/ensemble.py), and one model of the same size
+and budget, another seed, trained with that ensemble as its teachers (distilled_bpb): what one shipped
+model keeps of the ensemble's gain. Each is the exported weights' held-out bits per byte.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from common import REPO, ensure_corpus, reexec_in_venv, run_trainer  # noqa: E40
 from speedrun import PLANS, TRAINERS  # noqa: E402
 
 from mvlm_engine.config import setting  # noqa: E402  (torch-free)
+from mvlm_engine.errors import UserError  # noqa: E402
 
 PROG = "slowrun.py"
 TRAIN_BOOKS = ("Ephesians", "1 Thessalonians")
@@ -65,16 +71,26 @@ class SlowrunSettings:
     evals_per_epoch: int = setting(4, "held-out evaluations per epoch")
     eval_windows: int = setting(128, "held-out windows of 128 tokens per evaluation")
     new_args: str = setting("", "extra trainer flags for the 'new' recipe, as one shell-quoted string")
+    distill: bool = setting(False, "instead: the new recipe over --ensemble_seeds seeds, their ensemble, and one "
+                                   "model taught by it (single_bpb, ensemble_bpb, distilled_bpb)")
+    ensemble_seeds: int = setting(4, "--distill: seeds in the ensemble")
+    distill_weight: float = setting(1.0, "--distill: the student's --distill_weight")
+    distill_temperature: float = setting(1.0, "--distill: the student's --distill_temperature")
     baseline: bool = setting(True, "also train the pinned old recipe (off: only the new one, e.g. for a search)")
     jobs: int = setting(0, "runs trained at once, one thread each (0: all of them)")
     data_dir: str = setting("mvlm_training_dataset_complete", "the full corpus (built if missing); the proxy's "
                                                               "slice is cut out of its verses.jsonl", path=True)
+    train_books: list[str] = setting(help="the proxy's training books, in every translation",
+                                     factory=lambda: list(TRAIN_BOOKS))
+    held_out_books: list[str] = setting(help="the proxy's held-out books (held out in the full corpus too)",
+                                        factory=lambda: list(HELD_OUT_BOOKS))
     proxy_dir: str = setting("runs/slowrun_corpus", "the proxy corpus (built once, shared by every slowrun)", path=True)
     output_dir: str = setting("runs/slowrun", "where the runs, logs and slowrun.json go", path=True)
 
     def problems(self) -> list[str]:
         errors = [f"--{n} must be > 0 (got {getattr(self, n)})"
-                  for n in ("seeds", "epochs", "evals_per_epoch", "eval_windows") if getattr(self, n) <= 0]
+                  for n in ("seeds", "epochs", "evals_per_epoch", "eval_windows", "ensemble_seeds", "distill_weight",
+                            "distill_temperature") if getattr(self, n) <= 0]
         if self.jobs < 0:
             errors.append(f"--jobs must be >= 0 (got {self.jobs})")
         try:
@@ -90,62 +106,101 @@ def build_proxy_corpus(settings: SlowrunSettings) -> Path:
     import subprocess
     source, out = Path(settings.data_dir), Path(settings.proxy_dir)
     ensure_corpus(source)
-    books = TRAIN_BOOKS + HELD_OUT_BOOKS
+    books = settings.train_books + settings.held_out_books
     manifest = out / "manifest.json"
     if not manifest.is_file() or {f["book"] for f in json.loads(manifest.read_text())["files"]} != set(books):
         subprocess.run([sys.executable, str(REPO / "mvlm_training_dataset_complete" / "prepare.py"), "--from_verses",
                         str(source / "verses.jsonl"), "--output_dir", str(out), "--books", ",".join(books)],
                        check=True, stdout=subprocess.DEVNULL)
+    held_out = json.loads(manifest.read_text())["heldout_books"]
+    if set(held_out) != set(settings.held_out_books):
+        raise UserError(f"--held_out_books {' '.join(settings.held_out_books)}: the corpus holds out "
+                        f"{', '.join(held_out) or 'none of them'} (prepare.py's HELD_OUT_BOOKS)")
     return out
 
 
-def steps_per_epoch(corpus: Path, plan: dict) -> int:
+def plan_value(flag: str) -> int:
+    """A batch-shape flag's value in the proxy's plan (the speedrun's tiny plan)."""
+    shape = PLANS["tiny"]["batch"]
+    return int(shape[shape.index(flag) + 1])
+
+
+def steps_per_epoch(corpus: Path) -> int:
     """Optimizer steps in one epoch of the proxy (the trainers' own count: BlockSampler's)."""
     from mvlm_engine.corpus import load_corpus
     from mvlm_engine.shards import build_token_shards
     from mvlm_engine.tokenizer import get_or_train_tokenizer
 
-    vocab, block, batch = (int(plan["batch"][plan["batch"].index(flag) + 1])
-                           for flag in ("--vocab_size", "--block_size", "--batch_size"))
+    vocab, block, batch = (plan_value(flag) for flag in ("--vocab_size", "--block_size", "--batch_size"))
     data = load_corpus(corpus)
     tokenizer, _ = get_or_train_tokenizer(data, vocab, corpus / ".cache")
     train_tokens = build_token_shards(data, tokenizer, corpus / ".cache").meta["tokens"]["train"]
     return (train_tokens - block) // block // batch
 
 
-def trainer_args(settings: SlowrunSettings, corpus: Path, recipe: str, seed: int, per_epoch: int) -> list:
+def trainer_args(settings: SlowrunSettings, corpus: Path, name: str, seed: int, per_epoch: int) -> list:
+    """A run's flags: the proxy's shape and budget, then its recipe's (baseline: the old one pinned)."""
     plan = PLANS["tiny"]
     steps = math.ceil(settings.epochs * per_epoch)
     interval = max(1, round(per_epoch / settings.evals_per_epoch))
-    out = Path(settings.output_dir) / settings.model / f"{recipe}_seed{seed}"
+    out = Path(settings.output_dir) / settings.model / f"{name}_seed{seed}"
     args = ["--preset", "tiny", "--device", "cpu", "--data_dir", corpus, "--output_dir", out, "--overwrite",
             "--seed", seed, "--max_steps", steps, "--eval_interval", interval, "--eval_windows", settings.eval_windows,
             "--save_interval", steps, "--log_interval", interval, *plan["batch"], *plan[settings.model]]
     if settings.model == "simone":
         args.append("--quality_seeds")  # one tokenizer for both models, as in the speedrun
-    return args + (BASELINE_ARGS[settings.model] if recipe == "baseline" else shlex.split(settings.new_args))
+    return args + (BASELINE_ARGS[settings.model] if name == "baseline" else shlex.split(settings.new_args))
 
 
-def run_all(settings: SlowrunSettings, corpus: Path) -> dict[str, dict[int, dict]]:
-    """recipe -> seed -> run; the runs train at once, one thread each."""
-    per_epoch = steps_per_epoch(corpus, PLANS["tiny"])
-    recipes = ("baseline", "new") if settings.baseline else ("new",)
-    jobs = [(recipe, seed) for seed in range(1, settings.seeds + 1) for recipe in recipes]
+def run_jobs(settings: SlowrunSettings, corpus: Path, jobs: list[tuple[str, int]], extra: tuple = ()) -> dict:
+    """(name, seed) -> run, for runs trained at once, one thread each; `extra` flags go to every run."""
+    per_epoch = steps_per_epoch(corpus)
     logs = Path(settings.output_dir) / settings.model
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    print(f"[slowrun] {settings.model}: {len(jobs)} runs of {settings.epochs:g} epochs x {per_epoch} steps",
+    threads = "1" if len(jobs) > 1 else "2"
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    print(f"[slowrun] {settings.model}: {len(jobs)} run(s) of {settings.epochs:g} epochs x {per_epoch} steps",
           flush=True)
 
     def one(job):
-        recipe, seed = job
-        args = trainer_args(settings, corpus, recipe, seed, per_epoch)
-        run = run_trainer(TRAINERS[settings.model], args, logs / f"{recipe}_seed{seed}.log", env)
-        return {**run, "steps_per_epoch": per_epoch}
+        name, seed = job
+        args = trainer_args(settings, corpus, name, seed, per_epoch) + list(extra)
+        run = run_trainer(TRAINERS[settings.model], args, logs / f"{name}_seed{seed}.log", env)
+        return {**run, "steps_per_epoch": per_epoch, "output_dir": args[args.index("--output_dir") + 1]}
 
     with ThreadPoolExecutor(max_workers=settings.jobs or len(jobs)) as pool:
-        finished = dict(zip(jobs, pool.map(one, jobs)))
-    return {recipe: {seed: finished[recipe, seed] for seed in range(1, settings.seeds + 1)} for recipe in recipes}
+        return dict(zip(jobs, pool.map(one, jobs)))
+
+
+def run_all(settings: SlowrunSettings, corpus: Path) -> dict[str, dict[int, dict]]:
+    """recipe -> seed -> run, for the old recipe (unless --no_baseline) and the new one."""
+    recipes = ("baseline", "new") if settings.baseline else ("new",)
+    seeds = range(1, settings.seeds + 1)
+    finished = run_jobs(settings, corpus, [(recipe, seed) for seed in seeds for recipe in recipes])
+    return {recipe: {seed: finished[recipe, seed] for seed in seeds} for recipe in recipes}
+
+
+def distill(settings: SlowrunSettings, corpus: Path) -> dict:
+    """The new recipe over --ensemble_seeds seeds; their probability-averaged ensemble; one model of
+    the same size taught by that ensemble (another seed). Bits per byte of the exported weights."""
+    from mvlm_engine.ensemble import ensemble_bpb
+
+    seeds = range(1, settings.ensemble_seeds + 1)
+    members = run_jobs(settings, corpus, [("new", seed) for seed in seeds])
+    folders = [run["output_dir"] for run in members.values()]
+    singles = [run["summary"]["final_val_bpb"] for run in members.values()]
+    ensemble = ensemble_bpb(folders, corpus, plan_value("--block_size"), settings.eval_windows)
+    print(f"[slowrun] ensemble of {len(folders)}: {ensemble:.4f} bits/byte; members {singles}", flush=True)
+    teacher_args = ("--teachers", *folders, "--distill_weight", settings.distill_weight,
+                    "--distill_temperature", settings.distill_temperature)
+    student_seed = settings.ensemble_seeds + 1
+    student = run_jobs(settings, corpus, [("distilled", student_seed)], teacher_args)[("distilled", student_seed)]
+    return {"single_bpb": statistics.mean(singles), "single_bpb_per_seed": singles,
+            "seed_spread": max(singles) - min(singles), "ensemble_bpb": ensemble,
+            "distilled_bpb": student["summary"]["final_val_bpb"], "distilled_seed": student_seed,
+            "distill_weight": settings.distill_weight, "distill_temperature": settings.distill_temperature,
+            "distilled_gain_beyond_spread": statistics.mean(singles) - student["summary"]["final_val_bpb"]
+            > max(singles) - min(singles)}
 
 
 def curve(run: dict) -> list[tuple[float, float]]:
@@ -200,12 +255,17 @@ def main(argv=None) -> None:
     if settings.quick:
         settings.seeds = 2
     corpus = build_proxy_corpus(settings)
-    runs = run_all(settings, corpus)
-    result = {"model": settings.model, "epochs": settings.epochs, "new_args": settings.new_args,
-              **summarize(runs)}
-    print_report(runs, result, settings.model)
-    out = Path(settings.output_dir) / settings.model / "slowrun.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    result = {"model": settings.model, "epochs": settings.epochs, "new_args": settings.new_args}
+    if settings.distill:
+        result.update(distill(settings, corpus))
+        name = "distill.json"
+        print("\n" + "\n".join(f"{key}: {value}" for key, value in result.items()))
+    else:
+        runs = run_all(settings, corpus)
+        result.update(summarize(runs))
+        name = "slowrun.json"
+        print_report(runs, result, settings.model)
+    (Path(settings.output_dir) / settings.model / name).write_text(json.dumps(result, indent=1) + "\n")
     if settings.json:
         print(json.dumps(result))
 

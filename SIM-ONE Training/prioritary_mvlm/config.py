@@ -3,7 +3,7 @@
 It extends the shared engine's TrainConfig (so the engine trains with it directly) with the
 model (a SimOneConfig under `model`: shape and governance switches), the composite loss and
 the tokenizer's quality seeds. Defaults: the small preset on one GPU, batch 12 x 4 accumulation,
-32K vocabulary, 3 epochs, and the recipe measured in RESULTS.md (speedrun, slowrun and ablations):
+32K vocabulary, 2 epochs (the engine's default), and the recipe measured in RESULTS.md (speedrun, slowrun and ablations):
 Muon for the hidden matrices, AdamW (beta1 0.8) for embeddings, head and gains, decoupled weight
 decay on every matrix and embedding, an EMA of the weights, a schedule that anneals to 0, and
 SimOneConfig's architecture (an untied zero-initialised head; the other recipe pieces showed no

@@ -65,8 +65,8 @@ DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 class GPT2RunConfig(TrainConfig):
     """Every setting of an MVLM-GPT2 run: the engine's plus the model shape."""
 
-    # The baseline's recipe: AdamW (weight decay 0.1) with GPT-2's dropouts, the engine's EMA of the weights
-    # and a schedule that annealed to 0, as SIM-ONE gets (benchmarks/slowrun.py measured them on the proxy).
+    # The baseline's recipe: AdamW (weight decay 0.1) with GPT-2's dropouts and the engine's EMA of the weights,
+    # as SIM-ONE gets it (benchmarks/slowrun.py measured them on the proxy).
     # The EMA's half-life is 0.75 epoch at either preset: 976 of the small preset's 1,302 steps per epoch on
     # the full corpus, 69 of the tiny preset's 92 per proxy epoch.
     PRESETS = {
@@ -79,7 +79,6 @@ class GPT2RunConfig(TrainConfig):
     output_dir: str = override(TrainConfig, "output_dir", "models/mvlm_gpt2")
     vocab_size: int = override(TrainConfig, "vocab_size", 50257)
     ema_decay: float = override(TrainConfig, "ema_decay", 0.99929)
-    min_lr_ratio: float = override(TrainConfig, "min_lr_ratio", 0.0)
     model: GPT2Shape = setting(factory=GPT2Shape)
 
     def problems(self) -> list[str]:

@@ -19,7 +19,8 @@ every quarter epoch, the best, the epoch of the best, and the last evaluation mi
 far the curve turned up). Over seeds: the seed spread (max - min of the best, the larger of the
 two recipes'). "baseline" is the recipe before the data-limited work (pinned here flag by flag, so
 it stays what it was when defaults move); "new" is the trainer's default (plus --new_args).
-With --json the last line is one JSON object with the lists per seed.
+With --json the last line is one JSON object with the lists per seed. A run whose output folder
+already holds it, finished with the same settings, is reused.
 
 --distill: the new recipe over 4 seeds (single_bpb: their mean, seed_spread: max - min), their
 probability-averaged ensemble (ensemble_bpb, mvlm_engine/ensemble.py), and one model of the same size
@@ -33,6 +34,7 @@ import math
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from speedrun import PLANS, TRAINERS  # noqa: E402
 
 from mvlm_engine.config import setting  # noqa: E402  (torch-free)
 from mvlm_engine.errors import UserError  # noqa: E402
+from mvlm_engine.packaging import RUN_SUMMARY  # noqa: E402
 
 PROG = "slowrun.py"
 TRAIN_BOOKS = ("Ephesians", "1 Thessalonians")
@@ -103,7 +106,6 @@ class SlowrunSettings:
 def build_proxy_corpus(settings: SlowrunSettings) -> Path:
     """The training books and held-out books in every translation, cut out of the full corpus
     (rebuilt when the folder holds another slice)."""
-    import subprocess
     source, out = Path(settings.data_dir), Path(settings.proxy_dir)
     ensure_corpus(source)
     books = settings.train_books + settings.held_out_books
@@ -157,19 +159,37 @@ def run_jobs(settings: SlowrunSettings, corpus: Path, jobs: list[tuple[str, int]
     per_epoch = steps_per_epoch(corpus)
     logs = Path(settings.output_dir) / settings.model
     logs.mkdir(parents=True, exist_ok=True)
-    threads = "1" if len(jobs) > 1 else "2"
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"[slowrun] {settings.model}: {len(jobs)} run(s) of {settings.epochs:g} epochs x {per_epoch} steps",
           flush=True)
 
     def one(job):
         name, seed = job
         args = trainer_args(settings, corpus, name, seed, per_epoch) + list(extra)
-        run = run_trainer(TRAINERS[settings.model], args, logs / f"{name}_seed{seed}.log", env)
+        run = finished_run(TRAINERS[settings.model], args) or \
+            run_trainer(TRAINERS[settings.model], args, logs / f"{name}_seed{seed}.log", env)
         return {**run, "steps_per_epoch": per_epoch, "output_dir": args[args.index("--output_dir") + 1]}
 
     with ThreadPoolExecutor(max_workers=settings.jobs or len(jobs)) as pool:
         return dict(zip(jobs, pool.map(one, jobs)))
+
+
+def finished_run(trainer: Path, args: list) -> dict | None:
+    """The run these flags describe, if its output folder already holds it finished with exactly
+    these settings (the trainer's own --print_config; --num_epochs aside, unused with --max_steps)."""
+    out = Path(args[args.index("--output_dir") + 1])
+    if not (out / RUN_SUMMARY).is_file() or not (out / "train_config.json").is_file():
+        return None
+    resolved = subprocess.run([sys.executable, str(trainer), *map(str, args), "--print_config"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout
+    saved, wanted = json.loads((out / "train_config.json").read_text()), json.loads(resolved)
+    for config in (saved, wanted):
+        config.pop("num_epochs", None)
+    if saved != wanted:
+        return None
+    print(f"[slowrun] reusing the finished run in {out}", flush=True)
+    return {"summary": json.loads((out / RUN_SUMMARY).read_text()), "wall_seconds": 0.0,
+            "history": json.loads((out / "training_history.json").read_text())}
 
 
 def run_all(settings: SlowrunSettings, corpus: Path) -> dict[str, dict[int, dict]]:

@@ -176,7 +176,8 @@ def run_jobs(settings: SlowrunSettings, corpus: Path, jobs: list[tuple[str, int]
 
 def finished_run(trainer: Path, args: list) -> dict | None:
     """The run these flags describe, if its output folder already holds it finished with exactly
-    these settings (the trainer's own --print_config; --num_epochs aside, unused with --max_steps)."""
+    these settings (the trainer's own --print_config; --num_epochs aside, unused with --max_steps, and
+    the folder's own path, which a copied run does not keep)."""
     out = Path(args[args.index("--output_dir") + 1])
     if not (out / RUN_SUMMARY).is_file() or not (out / "train_config.json").is_file():
         return None
@@ -185,6 +186,7 @@ def finished_run(trainer: Path, args: list) -> dict | None:
     saved, wanted = json.loads((out / "train_config.json").read_text()), json.loads(resolved)
     for config in (saved, wanted):
         config.pop("num_epochs", None)
+        config.pop("output_dir", None)
     if saved != wanted:
         return None
     print(f"[slowrun] reusing the finished run in {out}", flush=True)

@@ -66,8 +66,8 @@ class TrainConfig:
     block_size: int = setting(1024, "tokens per training sequence")
     batch_size: int = setting(16, "sequences per device per micro-step")
     gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step")
-    # 2: at the small preset on one H200 the held-out loss of SIM-ONE's recipe was lowest after 2 epochs of
-    # a 3-epoch run and rose after (RESULTS.md, 2026-12-04); the corpus repeats each verse ~23 times an epoch.
+    # 2: at the small preset on one H200 the held-out loss of the data-limited recipe was lowest after 2
+    # epochs of a 3-epoch run and rose after (RESULTS.md, 2026-12-04); the corpus repeats each verse ~23 times an epoch.
     num_epochs: float = setting(2.0, "passes over the training split (ignored when --max_steps is set)")
     max_steps: int = setting(0, "optimizer steps; 0 derives them from --num_epochs")
     optimizer: Literal["adamw", "muon"] = setting(

@@ -79,6 +79,10 @@ def assert_same_weights(path_a, path_b):
 
 
 # SIM-ONE's auxiliary losses at the weights the tests train with (the default recipe has them off).
+# GPT-2 trains with dropout by default; comparisons of two runs or two code paths switch it off,
+# since two processes (DDP) or two forward passes never draw the same masks.
+GPT2_NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+GPT2_NO_DROPOUT_FLAGS = tuple(item for name in GPT2_NO_DROPOUT for item in (f"--{name}", 0))
 SIMONE_AUX_LOSSES_ON = ("--coherence_weight", 0.1, "--alignment_weight", 0.1)
 
 

@@ -230,7 +230,8 @@ def test_ddp_keeps_the_average_of_the_same_global_batch(small_corpus, tmp_path):
     import os
     import subprocess
     import sys
-    common = ["--max_steps", 6, "--log_interval", 1, "--eval_interval", 6, "--save_interval", 6, "--ema_decay", 0.8]
+    common = ["--max_steps", 6, "--log_interval", 1, "--eval_interval", 6, "--save_interval", 6, "--ema_decay", 0.8,
+              *conftest.GPT2_NO_DROPOUT_FLAGS]
     conftest.run_ok(*conftest.tiny_args(conftest.GPT2_TRAINER, small_corpus, tmp_path / "one", *common,
                                         "--batch_size", 8))
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import conftest
-from conftest import GPT2_TRAINER, SIMONE_TRAINER, assert_one_line_error, assert_same_weights, run_ok, run_script
+from conftest import (GPT2_NO_DROPOUT, GPT2_TRAINER, SIMONE_TRAINER, assert_one_line_error, assert_same_weights, run_ok,
+                      run_script)
 from mvlm_engine.distillation import TEACHER_LOG_PROBS, distillation_loss
 from mvlm_engine.ensemble import ensemble_bpb, ensemble_log_probs, evaluate_ensemble
 
@@ -54,7 +55,8 @@ def test_without_teachers_targets_the_objectives_compute_what_they_did():
     with them: cross-entropy + weight * the term, both logged."""
     from mvlm_trainer import CausalLMObjective, GPT2Shape, build_model
     torch.manual_seed(0)
-    model = build_model(GPT2Shape(n_layer=1, n_embd=32, n_head=2), vocab_size=300, block_size=16, eos=0)
+    shape = GPT2Shape(n_layer=1, n_embd=32, n_head=2, **GPT2_NO_DROPOUT)
+    model = build_model(shape, vocab_size=300, block_size=16, eos=0)
     ids = torch.randint(0, 300, (2, 17))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     for chunked in (True, False):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import GPT2_NO_DROPOUT
 from mvlm_engine.data import BlockSampler, LMBatches
 from mvlm_engine.losses import (cross_entropy_from_log_partition, linear_log_partition, z_loss_from_log_partition)
 from mvlm_engine.parallel_verses import EncodedPairs, ParallelVerses, encode_padded
@@ -95,7 +96,7 @@ def test_gpt2_objective_chunked_equals_full_logits():
     from mvlm_trainer import CausalLMObjective, GPT2Shape, build_model
 
     torch.manual_seed(0)
-    full = CausalLMObjective(build_model(GPT2Shape(n_layer=2, n_embd=32, n_head=4), 300, 32, 0), chunked_loss=False)
+    full = CausalLMObjective(build_model(GPT2Shape(n_layer=2, n_embd=32, n_head=4, **GPT2_NO_DROPOUT), 300, 32, 0), chunked_loss=False)
     chunked = copy.deepcopy(full)
     chunked.chunked_loss = True
     x = torch.randint(0, 300, (3, 32))
@@ -143,7 +144,7 @@ def test_gpt2_fused_gelu_equals_gelu_new():
     models = []
     for fused in (True, False):
         torch.manual_seed(0)
-        models.append(build_model(GPT2Shape(n_layer=2, n_embd=32, n_head=4), 300, 32, 0, fused_gelu=fused))
+        models.append(build_model(GPT2Shape(n_layer=2, n_embd=32, n_head=4, **GPT2_NO_DROPOUT), 300, 32, 0, fused_gelu=fused))
     assert [m.config.activation_function for m in models] == ["gelu_pytorch_tanh", "gelu_new"]
     x = torch.randint(0, 300, (3, 32))
     logits = [m(input_ids=x).logits for m in models]

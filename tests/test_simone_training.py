@@ -123,9 +123,9 @@ def test_bad_config_values_are_one_line_errors(small_corpus, tmp_path):
     config.write_text(json.dumps({"n_heads": 4, "dropout_rate": 0.1}))
     assert_one_line_error(run_script(*tiny_args(small_corpus, out, "--config", config)),
                           "unknown PrioritaryConfig key(s): dropout_rate")
-    config.write_text(json.dumps({"model": {"n_heads": 4, "dropout": 0.1}, "alignment_pairs": "8"}))
+    config.write_text(json.dumps({"model": {"n_heads": 4, "dropout_rate": 0.1}, "alignment_pairs": "8"}))
     assert_one_line_error(run_script(*tiny_args(small_corpus, out, "--config", config)),
-                          "unknown PrioritaryConfig key(s): model.dropout", "--alignment_pairs must be an int")
+                          "unknown PrioritaryConfig key(s): model.dropout_rate", "--alignment_pairs must be an int")
     no_verses = tmp_path / "corpus"
     shutil.copytree(small_corpus, no_verses, ignore=shutil.ignore_patterns(".cache"))
     (no_verses / "verses.jsonl").unlink()

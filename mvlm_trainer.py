@@ -31,7 +31,7 @@ from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
 from mvlm_engine.fileio import plain_file_modes  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
 from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
-from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
+from mvlm_engine.metrics import FLOPS_CONVENTION, matmul_weights, training_flops_per_token  # noqa: E402
 from mvlm_engine.packaging import GENERATION_DEFAULTS  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
 from mvlm_engine.shards import prepare_token_data  # noqa: E402
@@ -133,6 +133,14 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - embeddings
 
 
+def flops_per_token(model, block_size: int) -> float:
+    """Training FLOPs per token (metrics.FLOPS_CONVENTION): the blocks' matmuls, the tied head
+    (the unembedding is a matmul even though its weight is wte's), attention over block_size."""
+    c = model.config
+    return training_flops_per_token(matmul_weights(model.transformer.h), model.lm_head.weight.numel(), c.n_layer,
+                                    c.n_embd, block_size)
+
+
 def export(model, tokenizer_path: Path, block_size: int, out: Path) -> None:
     """save_pretrained directory that the HF Auto classes load on their own, sampling by default."""
     from transformers import GenerationConfig
@@ -152,14 +160,14 @@ def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
     sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                            runtime.rank, runtime.world_size)
     shape, non_embedding = cfg.model, non_embedding_params(model)
-    flops = transformer_flops_per_token(non_embedding, shape.n_layer, shape.n_embd, cfg.block_size)
+    flops = flops_per_token(model, cfg.block_size)
     if runtime.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         attention = sdpa_backend_name(runtime, shape.n_head, shape.n_embd // shape.n_head)
         log.info(f"MVLM-GPT2 preset {cfg.preset}: {n_params / 1e6:.2f}M parameters, vocab "
                  f"{model.config.vocab_size}, {runtime.world_size} x {runtime.device}, {runtime.precision}, "
                  f"compile {runtime.compile}, SDPA backend {attention}; train tokens "
-                 f"{data.shards.meta['tokens']['train']:,}")
+                 f"{data.shards.meta['tokens']['train']:,}; {flops / 1e6:,.1f} MFLOPs per token ({FLOPS_CONVENTION})")
     task = TrainingTask(name="MVLM-GPT2", objective=objective, logits=lambda m, x: m.logits(x),
                         batches=LMBatches(sampler), flops_per_token=flops,
                         export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out), config=cfg,

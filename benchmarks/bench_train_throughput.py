@@ -7,7 +7,8 @@
 
 Runs the trainer in a subprocess into a temporary --output_dir and reads the tokens/s and MFU
 it logged (training_history.json). The first logged window is dropped: it holds compilation
-and warm-up. MFU uses the formula in docs/ARCHITECTURE.md against 989 TFLOP/s (H100/H200 bf16); on CPU there
+and warm-up. MFU uses the field's convention (docs/ARCHITECTURE.md: every matmul, the output head included) against
+989 TFLOP/s (H100/H200 bf16); on CPU there
 is no reference peak, so it prints n/a. Arguments after `--` go to the trainer unchanged.
 """
 from __future__ import annotations

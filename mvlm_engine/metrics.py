@@ -14,9 +14,39 @@ from .logs import get_logger
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def transformer_flops_per_token(non_embedding_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (matmuls, forward and backward) + 12 L d T (attention)."""
-    return 6 * non_embedding_params + 12 * n_layers * d_model * seq_len
+# How MFU is counted, said in the logs, run_summary.json and the benchmarks.
+FLOPS_CONVENTION = ("6 x matmul weights (output head included, embedding lookups not) + 12 x layers x d_model x "
+                    "positions (attention), per scored token")
+
+
+def matmul_weights(modules) -> int:
+    """Weights that multiply activations in `modules`: every 2-D parameter outside nn.Embedding
+    (linear and 1-D convolution weights). Embedding tables are lookups, not matmuls."""
+    looked_up = {id(m.weight) for module in modules for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    seen, total = set(), 0
+    for module in modules:
+        for param in module.parameters():
+            if param.dim() == 2 and id(param) not in looked_up and id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+    return total
+
+
+def training_flops_per_token(body_matmul_weights: int, head_matmul_weights: int, n_layers: int, d_model: int,
+                             seq_len: int, extra_positions: int = 0) -> float:
+    """Training FLOPs per scored token, every matmul of the step counted (nanoGPT's and PaLM's
+    convention, FLOPS_CONVENTION): 6 per matmul weight per position (2 forward, 4 backward), the
+    output head included; attention 12 L d S per position (QK^T and AV, forward and backward, over
+    S positions, not halved for the causal mask). Embedding lookups, norms, biases and element-wise
+    ops are not counted.
+
+    extra_positions: positions the body runs besides the seq_len scored ones (e.g. memory tokens
+    before every sequence): the body and its attention run seq_len + extra_positions positions
+    for seq_len scored tokens, so their share is scaled by that ratio; the head runs on the scored
+    tokens only."""
+    positions = seq_len + extra_positions
+    body = 6 * body_matmul_weights + 12 * n_layers * d_model * positions
+    return body * positions / seq_len + 6 * head_matmul_weights
 
 
 def peak_flops(device: torch.device) -> float | None:

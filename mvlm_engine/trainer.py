@@ -34,7 +34,7 @@ from .evaluation import EvaluationStopped, evaluate
 from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, storage_errors
 from .guard import StepGuard
 from .logs import get_logger
-from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
+from .metrics import FLOPS_CONVENTION, History, TensorBoard, mfu, peak_flops, plot_history
 from .optim import build_optimizer, lr_factor, optimizers_of, set_learning_rates
 from .packaging import MODEL_MANIFEST, write_model_manifest
 from .prefetch import with_prefetch
@@ -471,4 +471,5 @@ def run_summary(run: Run, exported: dict) -> dict:
             "exported_step": exported.get("step"), "last_val_loss": run.last_eval.get("val_loss"),
             "last_val_bpb": run.last_eval.get("val_bpb"), "early_stopped": run.state["early_stopped"],
             "best_val_loss": run.state["best_val_loss"], "precision": r.precision, "compile": r.compile,
-            "world_size": r.world_size, "device": str(r.device), "tokenizer_hash": run.data.tokenizer_hash}
+            "world_size": r.world_size, "device": str(r.device), "tokenizer_hash": run.data.tokenizer_hash,
+            "flops_per_token": run.task.flops_per_token, "flops_convention": FLOPS_CONVENTION}

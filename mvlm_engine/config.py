@@ -76,6 +76,9 @@ class TrainConfig:
     muon_lr: float = setting(0.02, "peak Muon learning rate (--optimizer muon)")
     muon_momentum: float = setting(0.95, "Muon momentum (Nesterov)")
     muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay")
+    muon_impl: Literal["torch", "batched"] = setting(
+        "torch", "torch: torch.optim.Muon, one matrix at a time; batched: the same update with each shape's matrices "
+                 "stacked, the Newton-Schulz iteration as batched matmuls (compiled on CUDA; mvlm_engine/muon.py)")
     schedule: Literal["cosine", "wsd"] = setting(
         "cosine", "after warmup: cosine decay, or wsd (warmup-stable-decay: flat, then a linear decay)")
     decay_fraction: float = setting(0.2, "wsd: the share of the steps spent decaying at the end")

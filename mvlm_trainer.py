@@ -23,14 +23,13 @@ from mvlm_engine.env import apply_training_env
 apply_training_env()  # before torch initialises CUDA
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from mvlm_engine import cli  # noqa: E402
 from mvlm_engine.config import CPU_SMOKE_TRAINING, TrainConfig, override, setting, upper_limit_problems  # noqa: E402
 from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
 from mvlm_engine.fileio import plain_file_modes  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
-from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
+from mvlm_engine.losses import cross_entropy_from_log_partition, log_partition_function  # noqa: E402
 from mvlm_engine.metrics import FLOPS_CONVENTION, matmul_weights, training_flops_per_token  # noqa: E402
 from mvlm_engine.packaging import GENERATION_DEFAULTS  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
@@ -106,9 +105,9 @@ def build_objective(cfg: GPT2RunConfig, vocab_size: int, eos: int) -> "CausalLMO
 
 
 class CausalLMObjective(torch.nn.Module):
-    """Next-token cross-entropy on an HF GPT-2. chunked_loss: the body's hidden states go through
-    the chunked cross-entropy over lm_head.weight (mvlm_engine.losses), so the (B, T, V) logits
-    are never held; otherwise the HF model's full logits and F.cross_entropy."""
+    """Next-token cross-entropy on an HF GPT-2: the body's hidden states through the cross-entropy
+    over lm_head.weight (mvlm_engine.losses), chunked (the (B, T, V) logits never held) or on the
+    full logits of one matmul against the head padded to a multiple of 64 rows."""
 
     def __init__(self, model: torch.nn.Module, chunked_loss: bool = True):
         super().__init__()
@@ -118,14 +117,10 @@ class CausalLMObjective(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def forward(self, batch: dict):
-        labels = batch["labels"].flatten()
-        if self.chunked_loss:
-            hidden = self.model.transformer(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
-            log_partition, target_logit = linear_log_partition(hidden.flatten(0, 1), self.model.lm_head.weight,
-                                                               labels)
-            return cross_entropy_from_log_partition(log_partition, target_logit), {}
-        logits = self.logits(batch["input_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels), {}
+        hidden = self.model.transformer(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+        log_partition, target_logit = log_partition_function(self.chunked_loss)(
+            hidden.flatten(0, 1), self.model.lm_head.weight, batch["labels"].flatten())
+        return cross_entropy_from_log_partition(log_partition, target_logit), {}
 
 
 def non_embedding_params(model) -> int:

@@ -28,7 +28,7 @@ Sections (--sections; default all, --quick: all but train):
             off and on), KV-cache decode against HF generate, and vocabulary padding.
 
 The old path is the code as it was before the fast path, behind its settings: --no_chunked_loss
-(full logits), --no_fused_layers (plain-op norms, SwiGLU, GELU), --no_prefetch_batches and, for
+(full logits: one matmul against the head padded to a multiple of 64 rows), --no_fused_layers (plain-op norms, SwiGLU, GELU), --no_prefetch_batches and, for
 SIM-ONE, --no_alignment_pair_cache (verse pairs tokenized every micro-step). Prefetching is on by
 default on CUDA only (the engine section measures it on and off).
 

@@ -197,7 +197,22 @@ def read_json(path: Path) -> dict:
 def training_metrics(out: Path) -> dict:
     run = read_json(out / "run_summary.json")
     return {key: run.get(key) for key in ("steps", "tokens_seen", "final_val_loss", "final_val_bpb", "exported_step",
-                                          "last_val_bpb", "device", "precision", "wall_seconds_this_process")}
+                                          "last_val_bpb", "device", "precision", "wall_seconds_this_process",
+                                          "peak_memory_bytes", "timings")}
+
+
+def pipeline_totals(stages: list[dict], wall_seconds: float) -> dict:
+    """This invocation's wall time split into training (the trainers' loops without the first
+    step's compile) and everything else (corpus, tokenizers, shards, compiles, process starts,
+    exports, validation, packaging, archives)."""
+    training = 0.0
+    for stage in stages:
+        timings = stage.get("timings") or {}
+        if stage["stage"] in TRAINERS and stage["status"].endswith("done"):
+            training += (timings.get("loop_seconds") or 0.0) - (timings.get("compile_seconds") or 0.0)
+    return {"wall_seconds": round(wall_seconds, 1), "training_loop_seconds": round(training, 1),
+            "non_training_seconds": round(wall_seconds - training, 1),
+            "non_training_share": round(1 - training / wall_seconds, 3) if wall_seconds > 0 else None}
 
 
 @dataclass
@@ -285,6 +300,7 @@ def main(argv=None) -> None:
         raise UserError(in_use_message(pipeline.path("models_dir"), holder))
     log.info(f"preset {preset}: {reason}")
     models = [settings.only] if settings.only else list(TRAINERS)
+    started = time.time()
     try:
         if not settings.skip_training:
             pipeline.corpus()
@@ -293,6 +309,9 @@ def main(argv=None) -> None:
         pipeline.validate(models)
         pipeline.package(models)
         pipeline.validate(models, "archives")
+        pipeline.summary["totals"] = pipeline_totals(pipeline.summary["stages"], time.time() - started)
+        atomic_write_text(pipeline.path("models_dir") / "training_summary.json",
+                          json.dumps(pipeline.summary, indent=1) + "\n")
     except StageFailed as err:
         print(f"{PROG}: {err}{pipeline.record_failure(err.stage)}", file=sys.stderr)
         sys.exit(1)
@@ -300,7 +319,10 @@ def main(argv=None) -> None:
         print(f"{PROG}: interrupted; the running stage saved a checkpoint if it was training. Run the same "
               "command again to resume.", file=sys.stderr)
         sys.exit(130)
-    log.info(f"done. Summary: {pipeline.path('models_dir') / 'training_summary.json'}")
+    totals = pipeline.summary["totals"]
+    log.info(f"done in {totals['wall_seconds']:.0f} s: training loops {totals['training_loop_seconds']:.0f} s, "
+             f"everything else {totals['non_training_seconds']:.0f} s. Summary: "
+             f"{pipeline.path('models_dir') / 'training_summary.json'}")
     log.info(f"validation report: {pipeline.path('models_dir') / 'validation_report.md'}")
     log.info(f"downloads: {pipeline.path('download_dir')}")
 

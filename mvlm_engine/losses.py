@@ -141,7 +141,7 @@ def linear_log_partition(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def full_log_partition(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """linear_log_partition's (log-partition, target logit) from the full logits: one matmul
-    against the weight padded with zero rows to a multiple of VOCAB_MULTIPLE (GPT-2's 50,257 ->
+    against the weight padded with zero rows to a multiple of VOCAB_MULTIPLE (a 50,257-row head ->
     50,304), the padding columns sliced off before the softmax (never predicted, no gradient);
     the softmax statistics in fp32. Memory: the (N, V) logits and their gradient."""
     vocab = weight.shape[0]

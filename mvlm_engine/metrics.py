@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -61,11 +62,21 @@ def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None, wo
 
 
 class History:
-    """training_history.json: one record per logged step and per evaluation."""
+    """training_history.json: one record per logged step and per evaluation.
+
+    save() writes it now (atomically, fsynced); save_soon() hands a snapshot of the records to a
+    background thread and returns at once, so a logging step does not wait for the disk. A newer
+    snapshot replaces one not yet written; save() and flush() wait for the thread, and an error
+    it met (a full disk) is raised there, in the training thread."""
 
     def __init__(self, path: Path, config: dict):
         self.path = path
         self.data = {"config": config, "train": [], "eval": []}
+        self._pending: dict | None = None
+        self._writing = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def resume(self, step: int) -> None:
         """Keep what an earlier run logged up to `step` (later records belong to a lost future)."""
@@ -77,8 +88,46 @@ class History:
     def log(self, kind: str, record: dict) -> None:
         self.data[kind].append(record)
 
+    def snapshot(self) -> dict:
+        """The records as they are now (lists copied: later records are not part of it)."""
+        return {key: list(value) if isinstance(value, list) else value for key, value in self.data.items()}
+
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, allow_nan=True) + "\n")
+        self.flush()
+        self._write(self.snapshot())
+
+    def save_soon(self) -> None:
+        with self._changed:
+            self._pending = self.snapshot()
+            self._changed.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_pending, name="history-writer", daemon=True)
+            self._thread.start()
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Wait until the background writes are done; raise the error one of them met."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending is None and not self._writing)
+            error, self._error = self._error, None
+        if error is not None and raise_errors:
+            raise error
+
+    def _write(self, data: dict) -> None:
+        atomic_write_text(self.path, json.dumps(data, indent=1, allow_nan=True) + "\n")
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending is not None)
+                data, self._pending, self._writing = self._pending, None, True
+            try:
+                self._write(data)
+            except BaseException as err:  # noqa: BLE001  (raised in the training thread by flush)
+                self._error = err
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
 
 
 class TensorBoard:

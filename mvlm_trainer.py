@@ -175,6 +175,9 @@ def main(argv=None) -> None:
     cfg = setup(argv)
     runtime = start_runtime(cfg.device, cfg.precision, cfg.compile)
     try:
+        if cfg.prepare_data_only:
+            prepare_token_data(cfg, runtime)
+            return
         task, data = build_task(cfg, runtime)
         fit(cfg, task, runtime, data)
     finally:

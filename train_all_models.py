@@ -143,6 +143,35 @@ def run_stage(name: str, command: list, log_path: Path) -> None:
         raise StageFailed(name, f"stage '{name}' failed with exit status {code}; see {log_path}")
 
 
+class BackgroundStage:
+    """A command run beside a stage (its output to its own log only), waited for when the stage
+    ends and stopped with it; its failure is only logged: the stage that needs its work does
+    that work itself and reports any problem. command None: nothing."""
+
+    def __init__(self, command: list | None, log_path: Path):
+        self.command, self.log_path, self.proc = command, log_path, None
+
+    def __enter__(self):
+        if self.command:
+            with storage_errors(self.log_path, "opening the stage log"):
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.log_path, "ab")
+            with handle:
+                self.proc = subprocess.Popen([str(c) for c in self.command], cwd=REPO, stdin=subprocess.DEVNULL,
+                                             stdout=handle, stderr=subprocess.STDOUT)
+            log.info(f"=== meanwhile: {' '.join(shlex.quote(str(c)) for c in self.command[1:])} (log: {self.log_path})")
+        return self
+
+    def __exit__(self, kind, *exc):
+        if self.proc is None:
+            return
+        if kind is not None and self.proc.poll() is None:  # the stage failed or was stopped: stop this too
+            self.proc.send_signal(signal.SIGTERM)
+        if self.proc.wait() != 0 and kind is None:
+            log.warning(f"WARNING: {self.command[1]} --prepare_data_only failed (see {self.log_path}); its stage "
+                        "builds the data itself")
+
+
 class StageLog:
     """A stage's log file that never stops the pipeline: a failed write (full disk) is said once
     and the stage goes on, shown live as before."""
@@ -253,16 +282,26 @@ class Pipeline:
                              "--output_dir", data_dir], self.path("logs_dir") / "corpus.log")
         self.record("corpus", "done", started, manifest=str(data_dir / MANIFEST_NAME))
 
-    def train(self, model: str) -> None:
+    def trainer_command(self, model: str) -> list:
+        s = self.settings
+        return [sys.executable, TRAINERS[model].script, "--preset", self.preset, "--data_dir", s.data_dir,
+                "--output_dir", self.path("models_dir") / TRAINERS[model].folder, "--device", s.device,
+                *shlex.split(s.trainer_args)]
+
+    def train(self, model: str, next_model: str | None = None) -> None:
+        """Train `model` (or skip or resume it); meanwhile next_model's tokenizer and token shards
+        are built in the background (--prepare_data_only), off the critical path."""
         started, s = self.begin(), self.settings
         out = self.path("models_dir") / TRAINERS[model].folder
         state = "fresh" if s.retrain else training_state(out, self.preset)
         if state == "done":
             return self.record(model, "skipped (already trained)", started, **training_metrics(out))
-        command = [sys.executable, TRAINERS[model].script, "--preset", self.preset, "--data_dir", s.data_dir,
-                   "--output_dir", out, "--device", s.device, *shlex.split(s.trainer_args)]
+        command = self.trainer_command(model)
         command += ["--resume_from", "latest"] if state == "resume" else (["--overwrite"] if out.exists() else [])
-        run_stage(model, command, self.path("logs_dir") / f"{model}.log")
+        # --device cpu: the data needs no GPU (and takes no CUDA context from the training stage)
+        prepare = next_model and [*self.trainer_command(next_model), "--device", "cpu", "--prepare_data_only"]
+        with BackgroundStage(prepare, self.path("logs_dir") / f"{next_model}_data.log"):
+            run_stage(model, command, self.path("logs_dir") / f"{model}.log")
         self.record(model, "resumed and done" if state == "resume" else "done", started, **training_metrics(out))
 
     def package(self, models: list[str]) -> None:
@@ -304,8 +343,8 @@ def main(argv=None) -> None:
     try:
         if not settings.skip_training:
             pipeline.corpus()
-            for model in models:
-                pipeline.train(model)
+            for model, next_model in zip(models, [*models[1:], None]):
+                pipeline.train(model, next_model)
         pipeline.validate(models)
         pipeline.package(models)
         pipeline.validate(models, "archives")

@@ -14,10 +14,12 @@ memory (CUDA max allocated; RSS peak on a CPU), the first step's extra time (com
 loss (a NaN would show a broken variant) and tokens/s relative to the model's baseline row.
 
 Rows run in ROWS order (most decisive first); a row that no longer fits in the budget (its
-estimate, ROW_SECONDS, against the time left) is reported as not run. Between rows torch's
-compile caches are reset (so each row compiles its own graphs, as a fresh run would) and the
-GPU memory is freed. The table is printed at the end as Markdown, ready for RESULTS.md, and
-written to <out>/ab_table.md with the raw figures in <out>/ab.json.
+estimate, ROW_SECONDS, against the time left) is reported as not run, and a row still running
+when the budget is spent is stopped (SIGALRM) and reported so. Between rows torch's compile
+caches are reset (so each row compiles its own graphs, as a fresh run would) and the GPU memory
+is freed. The table is printed at the end as Markdown, ready for RESULTS.md, and written to
+<out>/ab_table.md with the raw figures in <out>/ab.json, both rewritten after every row (a kill
+from outside leaves the rows done so far).
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ import gc
 import json
 import math
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,12 +56,12 @@ class Row:
 ROWS = [
     Row("gpt2 b16 (default)", "gpt2", "baseline", {}, baseline=True),
     Row("simone 12x4 (default)", "simone", "baseline", {}, baseline=True),
+    Row("gpt2 b32", "gpt2", "micro-batch", {"batch_size": 32}),
     Row("simone batched Muon", "simone", "Muon: batched vs torch", {"muon_impl": "batched"}),
     Row("gpt2 full logits", "gpt2", "loss: full (padded) vs chunked", {"chunked_loss": False}),
     Row("simone full logits", "simone", "loss: full (padded) vs chunked", {"chunked_loss": False}),
-    Row("gpt2 b32", "gpt2", "micro-batch", {"batch_size": 32}),
-    Row("gpt2 b64", "gpt2", "micro-batch", {"batch_size": 64}),
     Row("simone 24x2", "simone", "micro-batch (same tokens/step)", {"batch_size": 24, "gradient_accumulation_steps": 2}),
+    Row("gpt2 b64", "gpt2", "micro-batch", {"batch_size": 64}),
     Row("simone 48x1", "simone", "micro-batch (same tokens/step)", {"batch_size": 48, "gradient_accumulation_steps": 1}),
     Row("simone 16x3", "simone", "micro-batch (same tokens/step)", {"batch_size": 16, "gradient_accumulation_steps": 3}),
     Row("gpt2 max-autotune", "gpt2", "compile mode", {"compile_mode": "max-autotune-no-cudagraphs"}),
@@ -126,26 +130,54 @@ def measure_row(row: Row, args: argparse.Namespace, runtime, work: Path) -> dict
     return figures
 
 
-def run_rows(args: argparse.Namespace, rows: list[Row]) -> list[dict]:
+class OutOfTime(Exception):
+    """The budget was spent while a row ran."""
+
+
+def on_alarm(signum, frame):
+    raise OutOfTime("the budget was spent while this row ran")
+
+
+def prepare_in_background(model: str, args: argparse.Namespace, work: Path) -> subprocess.Popen:
+    """The model's tokenizer and token shards built by its trainer (--prepare_data_only) while
+    the other model's rows run, as train_all_models.py does; its rows wait for it."""
+    from measure import REPO
+    script = REPO / "mvlm_trainer.py" if model == "gpt2" else REPO / "SIM-ONE Training" / "enhanced_train.py"
+    flags = {f"--{key}": value for key, value in row_flags(Row("data", model, ""), args).items()}
+    command = [sys.executable, str(script), *[str(x) for pair in flags.items() for x in pair], "--output_dir",
+               str(work / f"prepare_{model}"), "--device", "cpu", "--prepare_data_only"]  # no CUDA context
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_rows(args: argparse.Namespace, rows: list[Row], report) -> list[dict]:
+    """Each row that fits in the budget; report(results) after each."""
     from mvlm_engine.runtime import start_runtime
     runtime = start_runtime("auto", "auto", None)
     deadline = time.perf_counter() + args.budget
+    signal.signal(signal.SIGALRM, on_alarm)
     results = []
     with tempfile.TemporaryDirectory(prefix="ab_") as tmp:
+        later = {row.model for row in rows} - {rows[0].model} if rows else set()
+        preparing = {model: prepare_in_background(model, args, Path(tmp)) for model in later}
         for row in rows:
+            if row.model in preparing:
+                preparing.pop(row.model).wait()
             need = ROW_SECONDS.get(row.flags.get("compile_mode", "default"), ROW_SECONDS["default"])
             left = deadline - time.perf_counter()
+            base = {"row": row.name, "model": row.model, "decides": row.decides, "flags": row.flags}
             if runtime.device.type == "cuda" and left < need:
-                results.append({"row": row.name, "model": row.model, "decides": row.decides, "flags": row.flags,
-                                "status": f"not run: {left:.0f} s left, needs ~{need} s"})
+                results.append({**base, "status": f"not run: {left:.0f} s left, needs ~{need} s"})
             else:
+                signal.alarm(max(1, int(left)))
                 try:
                     results.append(measure_row(row, args, runtime, Path(tmp)))
                 except Exception as err:  # noqa: BLE001  (one failed variant must not cost the table)
-                    results.append({"row": row.name, "model": row.model, "decides": row.decides, "flags": row.flags,
-                                    "status": f"failed: {type(err).__name__}: {str(err)[:200]}"})
+                    results.append({**base, "status": f"failed: {type(err).__name__}: {str(err)[:200]}"})
+                finally:
+                    signal.alarm(0)
             print(f"[ab] {row.name}: {describe(results[-1])}", flush=True)
-    add_ratios(results)
+            add_ratios(results)
+            report(results)
     return results
 
 
@@ -185,7 +217,7 @@ def table(results: list[dict], header: str) -> str:
 
 def machine_header(args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
-    return (f"A/B, {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, preset {args.preset}, "
+    return (f"A/B, {time.strftime('%Y-%m-%d %H:%M')}, {device}, torch {torch.__version__}, preset {args.preset}, "
             f"{args.warmup} warm-up + {args.steps} timed steps per row (median), MFU: 6 x matmul weights (head "
             f"included) + 12 L d T attention, against 989 TFLOP/s; `python3 benchmarks/ab.py` "
             f"{' '.join(sys.argv[1:])}")
@@ -198,14 +230,16 @@ def main(argv=None) -> None:
     unknown = set(args.rows or ()) - {row.name for row in ROWS}
     if unknown:
         sys.exit(f"ab.py: unknown rows {sorted(unknown)}; known: {[row.name for row in ROWS]}")
-    results = run_rows(args, rows)
-    text = table(results, machine_header(args))
-    print(text, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ab_table.md").write_text(text)
-        (out / "ab.json").write_text(json.dumps(results, indent=1) + "\n")
+    header = machine_header(args)
+
+    def report(results: list[dict]) -> None:
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "ab_table.md").write_text(table(results, header))
+            (out / "ab.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    print(table(run_rows(args, rows, report), header), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ for p in sorted(pathlib.Path("models").glob("*/training_history.json")):
 EOF
 fi
 if [ "$what" = ab ] && [ "$(left)" -gt 30 ]; then
-  # The corpus rebuild above counts against the budget; ab.py gets what is left (less 15 s to print and pack).
+  # The corpus rebuild above counts against the budget; ab.py gets what is left, less 15 s to print and
+  # pack (a row still running at its deadline is stopped by ab.py itself; the timeout is the backstop).
   # shellcheck disable=SC2086
   timeout "$(left)" python3 benchmarks/ab.py --budget "$(( $(left) - 15 ))" --out "$out" --data_dir "$data_dir" \
     ${AB_ARGS:-} 2>&1 | tee "$out/ab.log" | grep --line-buffered -E "^\[ab\]|^\||^A/B|^$"

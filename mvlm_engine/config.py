@@ -118,6 +118,10 @@ class TrainConfig:
                                       per_invocation=True)
     overwrite: bool = setting(False, "start a fresh run in an --output_dir that already holds a run",
                               per_invocation=True)
+    prepare_data_only: bool = setting(
+        False, "build (or find cached) the run's tokenizer and token shards, then exit without touching "
+               "--output_dir (train_all_models.py runs it for the next model while the previous one trains)",
+        per_invocation=True)
 
     def problems(self) -> list[str]:
         """Every invalid value, as messages naming the flag (types were checked on construction)."""

@@ -31,7 +31,9 @@ from .stopping import STOP
 from .tokenizer import eos_id, get_or_train_tokenizer, token_byte_lengths, tokenizer_hash
 
 ENCODE_BATCH_DOCS = 256
-ENCODE_BATCH_CHARS = 1 << 20  # ~1 MB of text a batch: a stop request waits a second or so at most
+# Text per encoding batch: ~0.5 MB per CPU core (1 MB on 2 cores), so that every core has books to
+# encode and a batch still takes a second or so (a stop request waits for it at most).
+ENCODE_BATCH_CHARS = (1 << 19) * max(2, os.cpu_count() or 2)
 SPLITS = ("train", "val")
 log = get_logger("cache")
 

@@ -418,3 +418,35 @@ def test_gpu_session_ab_dry_runs_on_a_cpu_and_prints_every_row(small_corpus, tmp
     by_name = {r["row"]: r for r in results}
     assert len({by_name[name]["tokens_per_step"] for name in ("simone 24x2", "simone 48x1", "simone 16x3")}) == 1
     assert by_name["gpt2 b16 (default)"]["vs_baseline"] == 1.0 and by_name["simone 12x4 (default)"]["vs_baseline"] == 1.0
+
+
+# --------------------------------------------------------------------------- the pipeline's non-training time
+
+
+@pytest.mark.parametrize("trainer", ["gpt2", "simone"])
+def test_prepare_data_only_builds_the_cache_and_leaves_the_output_dir_alone(trainer, small_corpus, tmp_path):
+    """What train_all_models.py runs for the next model while the previous one trains: the
+    tokenizer and shards land in the corpus cache (the trainer's next start finds them), and
+    --output_dir is neither created nor locked."""
+    from conftest import GPT2_TRAINER, SIMONE_TRAINER, run_ok, tiny_args
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    script = GPT2_TRAINER if trainer == "gpt2" else SIMONE_TRAINER
+    run_ok(*tiny_args(script, small_corpus, out, "--cache_dir", cache, "--prepare_data_only"))
+    assert not out.exists()
+    assert [p.name for p in (cache / "tokens").iterdir() if p.is_dir()]  # the shards
+    assert [p.name for p in (cache / "tokenizers").iterdir() if p.is_dir()]
+
+
+def test_pipeline_totals_count_the_training_loops_without_their_compiles():
+    """training_summary.json's totals: training = the loops of the stages that trained now, less
+    their first step's compile; everything else (a skipped stage's old figures included) is not."""
+    from train_all_models import pipeline_totals
+    stages = [{"stage": "corpus", "status": "done", "seconds": 10.0},
+              {"stage": "gpt2", "status": "done", "seconds": 100.0,
+               "timings": {"loop_seconds": 70.0, "compile_seconds": 20.0}},
+              {"stage": "simone", "status": "skipped (already trained)", "seconds": 0.1,
+               "timings": {"loop_seconds": 500.0, "compile_seconds": 0.0}},
+              {"stage": "validate", "status": "passed", "seconds": 30.0}]
+    totals = pipeline_totals(stages, 200.0)
+    assert totals == {"wall_seconds": 200.0, "training_loop_seconds": 50.0, "non_training_seconds": 150.0,
+                      "non_training_share": 0.75}

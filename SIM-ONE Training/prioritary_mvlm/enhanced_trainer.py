@@ -95,10 +95,15 @@ class EnhancedPrioritaryTrainer:
         return CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature,
                                   cfg.chunked_loss)
 
+    def prepare_data(self):
+        """The seeded tokenizer and the token shards, built or read from the cache."""
+        cfg = self.cfg
+        return prepare_token_data(cfg, self.runtime, tokenizer_factory=lambda corpus, cache: build_simone_tokenizer(
+            corpus, cfg.vocab_size, cfg.quality_seeds, cache))
+
     def build_task(self) -> tuple[TrainingTask, object]:
         cfg, runtime = self.cfg, self.runtime
-        data = prepare_token_data(cfg, runtime, tokenizer_factory=lambda corpus, cache: build_simone_tokenizer(
-            corpus, cfg.vocab_size, cfg.quality_seeds, cache))
+        data = self.prepare_data()
         # Alignment pairs come from verses.jsonl: check it before building the model.
         verses = ParallelVerses(cfg.data_dir, "train") if cfg.alignment_weight > 0 else None
         objective = self.build_objective(data.tokenizer.get_vocab_size())

@@ -156,9 +156,9 @@ class BackgroundStage:
             with storage_errors(self.log_path, "opening the stage log"):
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 handle = open(self.log_path, "ab")
-            with handle:
-                self.proc = subprocess.Popen([str(c) for c in self.command], cwd=REPO, stdin=subprocess.DEVNULL,
-                                             stdout=handle, stderr=subprocess.STDOUT)
+            with handle:  # niced: the stage it runs beside (a training feeding its GPU) comes first
+                self.proc = subprocess.Popen(["nice", "-n", "10", *map(str, self.command)], cwd=REPO,
+                                             stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
             log.info(f"=== meanwhile: {' '.join(shlex.quote(str(c)) for c in self.command[1:])} (log: {self.log_path})")
         return self
 

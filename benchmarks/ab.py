@@ -146,7 +146,8 @@ def prepare_in_background(model: str, args: argparse.Namespace, work: Path) -> s
     flags = {f"--{key}": value for key, value in row_flags(Row("data", model, ""), args).items()}
     command = [sys.executable, str(script), *[str(x) for pair in flags.items() for x in pair], "--output_dir",
                str(work / f"prepare_{model}"), "--device", "cpu", "--prepare_data_only"]  # no CUDA context
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(["nice", "-n", "10", *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # niced: the rows' training comes first
 
 
 def run_rows(args: argparse.Namespace, rows: list[Row], report) -> list[dict]:

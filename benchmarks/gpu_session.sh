@@ -67,8 +67,15 @@ for p in sorted(pathlib.Path("models").glob("*/training_history.json")):
         late = rows[len(rows) // 2:]
         tps = sorted(r["tokens_per_s"] for r in late)[len(late) // 2]
         mfus = sorted(r["mfu"] for r in late if r.get("mfu") is not None)
-        mfu = f", median MFU {mfus[len(mfus) // 2]:.1%}" if mfus else ""
+        mfu = f", median MFU {mfus[len(mfus) // 2]:.1%} (every matmul, the head included)" if mfus else ""
         print(f"[gpu_session] {p.parent.name}: median tokens/s {tps:,.0f} over the second half of the logs{mfu}")
+summary = pathlib.Path("models/training_summary.json")
+if summary.is_file():  # where the pipeline's time went: each stage, the trainers' own split, the totals
+    s = json.loads(summary.read_text())
+    for stage in s.get("stages", []):
+        timings = {k: round(v, 1) for k, v in (stage.get("timings") or {}).items() if isinstance(v, (int, float))}
+        print(f"[gpu_session] stage {stage['stage']}: {stage['status']}, {stage['seconds']} s {timings or ''}")
+    print(f"[gpu_session] totals: {s.get('totals')}")
 EOF
 fi
 if [ "$what" = ab ] && [ "$(left)" -gt 30 ]; then

@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="small", help="both trainers' preset (tiny for a CPU dry run)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row (the first one compiles)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per row")
-    parser.add_argument("--rows", nargs="*", default=None, help="run only these rows (names as in ROWS)")
+    parser.add_argument("--rows", nargs="*", default=None,
+                        help="run only these rows: their numbers in ROWS (1-based, e.g. --rows 7 8 9) or names")
     parser.add_argument("--data_dir", default=None, help="corpus folder (default: the trainers' own default)")
     parser.add_argument("--vocab_size", type=int, default=None, help="both trainers' vocabulary (for small corpora)")
     return parser.parse_args(argv)
@@ -227,10 +228,12 @@ def machine_header(args: argparse.Namespace) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     repo_paths()
-    rows = [row for row in ROWS if args.rows is None or row.name in args.rows]
-    unknown = set(args.rows or ()) - {row.name for row in ROWS}
+    names = {str(number): row.name for number, row in enumerate(ROWS, 1)}
+    wanted = None if args.rows is None else {names.get(key, key) for key in args.rows}
+    rows = [row for row in ROWS if wanted is None or row.name in wanted]
+    unknown = (wanted or set()) - {row.name for row in ROWS}
     if unknown:
-        sys.exit(f"ab.py: unknown rows {sorted(unknown)}; known: {[row.name for row in ROWS]}")
+        sys.exit(f"ab.py: unknown rows {sorted(unknown)}; known: {names}")
     header = machine_header(args)
 
     def report(results: list[dict]) -> None:

@@ -93,7 +93,8 @@ class TrainConfig:
         "auto", "auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU")
     compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA; TORCH_COMPILE=0/1 overrides)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = setting(
-        "default", "torch.compile's mode when compiling (benchmarks/gpu_session.sh sweep measures them on a GPU)")
+        "default", "torch.compile's mode when compiling (benchmarks/gpu_session.sh ab measures "
+                   "max-autotune-no-cudagraphs against the default on a GPU)")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
     chunked_loss: bool = setting(True, "cross-entropy through the unembedding a chunk of rows at a time, so the "
                                        "full tokens x vocabulary logits are never held (off: full logits, as before)")

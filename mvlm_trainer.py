@@ -31,8 +31,8 @@ from mvlm_engine.data import BlockSampler, LMBatches  # noqa: E402
 from mvlm_engine.distillation import TEACHER_LOG_PROBS, distillation_loss  # noqa: E402
 from mvlm_engine.fileio import plain_file_modes  # noqa: E402
 from mvlm_engine.logs import get_logger  # noqa: E402
-from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition  # noqa: E402
-from mvlm_engine.metrics import transformer_flops_per_token  # noqa: E402
+from mvlm_engine.losses import cross_entropy_from_log_partition, log_partition_function  # noqa: E402
+from mvlm_engine.metrics import FLOPS_CONVENTION, matmul_weights, training_flops_per_token  # noqa: E402
 from mvlm_engine.runtime import sdpa_backend_name, start_runtime, stop_runtime  # noqa: E402
 from mvlm_engine.shards import prepare_token_data  # noqa: E402
 from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer  # noqa: E402
@@ -122,11 +122,11 @@ def build_objective(cfg: GPT2RunConfig, vocab_size: int, eos: int) -> "CausalLMO
 
 
 class CausalLMObjective(torch.nn.Module):
-    """Next-token cross-entropy on an HF GPT-2. chunked_loss: the body's hidden states go through
-    the chunked cross-entropy over lm_head.weight (mvlm_engine.losses), so the (B, T, V) logits
-    are never held; otherwise the HF model's full logits and F.cross_entropy. A batch that
+    """Next-token cross-entropy on an HF GPT-2: the body's hidden states through the cross-entropy
+    over lm_head.weight (mvlm_engine.losses), chunked (the (B, T, V) logits never held) or on the
+    full logits of one matmul against the head padded to a multiple of 64 rows. A batch that
     carries teachers' targets (--teachers) adds distill_weight * the distillation term, from
-    the full logits."""
+    the HF model's full logits."""
 
     def __init__(self, model: torch.nn.Module, chunked_loss: bool = True, distill_weight: float = 0.0,
                  distill_temperature: float = 1.0):
@@ -139,15 +139,13 @@ class CausalLMObjective(torch.nn.Module):
 
     def forward(self, batch: dict):
         labels, teacher = batch["labels"].flatten(), batch.get(TEACHER_LOG_PROBS)
-        if self.chunked_loss and teacher is None:
+        if teacher is None:
             hidden = self.model.transformer(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
-            log_partition, target_logit = linear_log_partition(hidden.flatten(0, 1), self.model.lm_head.weight,
-                                                               labels)
+            log_partition, target_logit = log_partition_function(self.chunked_loss)(
+                hidden.flatten(0, 1), self.model.lm_head.weight, labels)
             return cross_entropy_from_log_partition(log_partition, target_logit), {}
         logits = self.logits(batch["input_ids"])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels)
-        if teacher is None:
-            return loss, {}
         distill = distillation_loss(logits, teacher, self.distill_temperature)
         return loss + self.distill_weight * distill, {"loss/accuracy": loss, "loss/distill": distill}
 
@@ -155,6 +153,14 @@ class CausalLMObjective(torch.nn.Module):
 def non_embedding_params(model) -> int:
     embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
     return sum(p.numel() for p in model.parameters()) - embeddings
+
+
+def flops_per_token(model, block_size: int) -> float:
+    """Training FLOPs per token (metrics.FLOPS_CONVENTION): the blocks' matmuls, the tied head
+    (the unembedding is a matmul even though its weight is wte's), attention over block_size."""
+    c = model.config
+    return training_flops_per_token(matmul_weights(model.transformer.h), model.lm_head.weight.numel(), c.n_layer,
+                                    c.n_embd, block_size)
 
 
 def export(model, tokenizer_path: Path, block_size: int, out: Path) -> None:
@@ -176,14 +182,14 @@ def build_task(cfg: GPT2RunConfig, runtime) -> tuple[TrainingTask, object]:
     sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                            runtime.rank, runtime.world_size)
     shape, non_embedding = cfg.model, non_embedding_params(model)
-    flops = transformer_flops_per_token(non_embedding, shape.n_layer, shape.n_embd, cfg.block_size)
+    flops = flops_per_token(model, cfg.block_size)
     if runtime.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         attention = sdpa_backend_name(runtime, shape.n_head, shape.n_embd // shape.n_head)
         log.info(f"MVLM-GPT2 preset {cfg.preset}: {n_params / 1e6:.2f}M parameters, vocab "
                  f"{model.config.vocab_size}, {runtime.world_size} x {runtime.device}, {runtime.precision}, "
                  f"compile {runtime.compile}, SDPA backend {attention}; train tokens "
-                 f"{data.shards.meta['tokens']['train']:,}")
+                 f"{data.shards.meta['tokens']['train']:,}; {flops / 1e6:,.1f} MFLOPs per token ({FLOPS_CONVENTION})")
     task = TrainingTask(name="MVLM-GPT2", objective=objective, logits=lambda m, x: m.logits(x),
                         batches=LMBatches(sampler), flops_per_token=flops,
                         export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out), config=cfg,
@@ -196,6 +202,9 @@ def main(argv=None) -> None:
     cfg = setup(argv)
     runtime = start_runtime(cfg.device, cfg.precision, cfg.compile)
     try:
+        if cfg.prepare_data_only:
+            prepare_token_data(cfg, runtime)
+            return
         task, data = build_task(cfg, runtime)
         fit(cfg, task, runtime, data)
     finally:

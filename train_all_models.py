@@ -135,6 +135,35 @@ def run_stage(name: str, command: list, log_path: Path) -> None:
         raise StageFailed(name, f"stage '{name}' failed with exit status {code}; see {log_path}")
 
 
+class BackgroundStage:
+    """A command run beside a stage (its output to its own log only), waited for when the stage
+    ends and stopped with it; its failure is only logged: the stage that needs its work does
+    that work itself and reports any problem. command None: nothing."""
+
+    def __init__(self, command: list | None, log_path: Path):
+        self.command, self.log_path, self.proc = command, log_path, None
+
+    def __enter__(self):
+        if self.command:
+            with storage_errors(self.log_path, "opening the stage log"):
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.log_path, "ab")
+            with handle:  # niced: the stage it runs beside (a training feeding its GPU) comes first
+                self.proc = subprocess.Popen(["nice", "-n", "10", *map(str, self.command)], cwd=REPO,
+                                             stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
+            log.info(f"=== meanwhile: {' '.join(shlex.quote(str(c)) for c in self.command[1:])} (log: {self.log_path})")
+        return self
+
+    def __exit__(self, kind, *exc):
+        if self.proc is None:
+            return
+        if kind is not None and self.proc.poll() is None:  # the stage failed or was stopped: stop this too
+            self.proc.send_signal(signal.SIGTERM)
+        if self.proc.wait() != 0 and kind is None:
+            log.warning(f"WARNING: {self.command[1]} --prepare_data_only failed (see {self.log_path}); its stage "
+                        "builds the data itself")
+
+
 class StageLog:
     """A stage's log file that never stops the pipeline: a failed write (full disk) is said once
     and the stage goes on, shown live as before."""
@@ -180,7 +209,22 @@ def training_state(out: Path, preset: str) -> str:
 def training_metrics(out: Path) -> dict:
     run = read_json_object(out / RUN_SUMMARY)
     return {key: run.get(key) for key in ("steps", "tokens_seen", "final_val_loss", "final_val_bpb", "exported_step",
-                                          "last_val_bpb", "device", "precision", "wall_seconds_this_process")}
+                                          "last_val_bpb", "device", "precision", "wall_seconds_this_process",
+                                          "peak_memory_bytes", "timings")}
+
+
+def pipeline_totals(stages: list[dict], wall_seconds: float) -> dict:
+    """This invocation's wall time split into training (the trainers' loops without the first
+    step's compile) and everything else (corpus, tokenizers, shards, compiles, process starts,
+    exports, validation, packaging, archives)."""
+    training = 0.0
+    for stage in stages:
+        timings = stage.get("timings") or {}
+        if stage["stage"] in MODELS and stage["status"].endswith("done"):
+            training += (timings.get("loop_seconds") or 0.0) - (timings.get("compile_seconds") or 0.0)
+    return {"wall_seconds": round(wall_seconds, 1), "training_loop_seconds": round(training, 1),
+            "non_training_seconds": round(wall_seconds - training, 1),
+            "non_training_share": round(1 - training / wall_seconds, 3) if wall_seconds > 0 else None}
 
 
 @dataclass
@@ -221,16 +265,26 @@ class Pipeline:
                              "--output_dir", data_dir], self.path("logs_dir") / "corpus.log")
         self.record("corpus", "done", started, manifest=str(data_dir / MANIFEST_NAME))
 
-    def train(self, model: str) -> None:
+    def trainer_command(self, model: str) -> list:
+        s = self.settings
+        return [sys.executable, MODELS[model].trainer, "--preset", self.preset, "--data_dir", s.data_dir,
+                "--output_dir", self.path("models_dir") / MODELS[model].folder, "--device", s.device,
+                *shlex.split(s.trainer_args)]
+
+    def train(self, model: str, next_model: str | None = None) -> None:
+        """Train `model` (or skip or resume it); meanwhile next_model's tokenizer and token shards
+        are built in the background (--prepare_data_only), off the critical path."""
         started, s = self.begin(), self.settings
         out = self.path("models_dir") / MODELS[model].folder
         state = "fresh" if s.retrain else training_state(out, self.preset)
         if state == "done":
             return self.record(model, "skipped (already trained)", started, **training_metrics(out))
-        command = [sys.executable, MODELS[model].trainer, "--preset", self.preset, "--data_dir", s.data_dir,
-                   "--output_dir", out, "--device", s.device, *shlex.split(s.trainer_args)]
+        command = self.trainer_command(model)
         command += ["--resume_from", "latest"] if state == "resume" else (["--overwrite"] if out.exists() else [])
-        run_stage(model, command, self.path("logs_dir") / f"{model}.log")
+        # --device cpu: the data needs no GPU (and takes no CUDA context from the training stage)
+        prepare = next_model and [*self.trainer_command(next_model), "--device", "cpu", "--prepare_data_only"]
+        with BackgroundStage(prepare, self.path("logs_dir") / f"{next_model}_data.log"):
+            run_stage(model, command, self.path("logs_dir") / f"{model}.log")
         self.record(model, "resumed and done" if state == "resume" else "done", started, **training_metrics(out))
 
     def package(self, models: list[str]) -> None:
@@ -260,8 +314,9 @@ def stages(pipeline: Pipeline) -> list[tuple[str, Callable[[], None]]]:
     validate, package, archives."""
     s = pipeline.settings
     models = [s.only] if s.only else model_names()
-    training = [] if s.skip_training else [("corpus", pipeline.corpus)] + [(m, partial(pipeline.train, m))
-                                                                           for m in models]
+    # while one model trains, the next one's tokenizer and shards are built in the background
+    training = [] if s.skip_training else [("corpus", pipeline.corpus)] + [
+        (m, partial(pipeline.train, m, next_model)) for m, next_model in zip(models, [*models[1:], None])]
     return training + [("validate", partial(pipeline.validate, models)), ("package", partial(pipeline.package, models)),
                        ("archives", partial(pipeline.validate, models, "archives"))]
 
@@ -280,9 +335,13 @@ def main(argv=None) -> None:
     log.info(f"preset {preset}: {reason}")
     planned = stages(pipeline)
     log.info(f"stages: {' -> '.join(name for name, _ in planned)}")
+    started = time.time()
     try:
         for _, stage in planned:
             stage()
+        pipeline.summary["totals"] = pipeline_totals(pipeline.summary["stages"], time.time() - started)
+        atomic_write_text(pipeline.path("models_dir") / "training_summary.json",
+                          json.dumps(pipeline.summary, indent=1) + "\n")
     except StageFailed as err:
         print(f"{PROG}: {err}{pipeline.record_failure(err.stage)}", file=sys.stderr)
         sys.exit(1)
@@ -290,7 +349,10 @@ def main(argv=None) -> None:
         print(f"{PROG}: interrupted; the running stage saved a checkpoint if it was training. Run the same "
               "command again to resume.", file=sys.stderr)
         sys.exit(130)
-    log.info(f"done. Summary: {pipeline.path('models_dir') / 'training_summary.json'}")
+    totals = pipeline.summary["totals"]
+    log.info(f"done in {totals['wall_seconds']:.0f} s: training loops {totals['training_loop_seconds']:.0f} s, "
+             f"everything else {totals['non_training_seconds']:.0f} s. Summary: "
+             f"{pipeline.path('models_dir') / 'training_summary.json'}")
     log.info(f"validation report: {pipeline.path('models_dir') / 'validation_report.md'}")
     log.info(f"downloads: {pipeline.path('download_dir')}")
 

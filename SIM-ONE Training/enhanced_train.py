@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     cfg = setup(argv)
     runtime = start_runtime(cfg.device, cfg.precision, cfg.compile)
     try:
-        EnhancedPrioritaryTrainer(cfg, runtime).train()
+        trainer = EnhancedPrioritaryTrainer(cfg, runtime)
+        trainer.prepare_data() if cfg.prepare_data_only else trainer.train()
     finally:
         stop_runtime(runtime)
 

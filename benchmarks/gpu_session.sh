@@ -3,17 +3,25 @@
 # no internet, no pythonbible). Carry .carry/ made by benchmarks/pack_corpus.sh, and .whl/ with
 # the gguf wheel (the packaging stage needs it; the machine's image lacks it). Prints every figure
 # RESULTS.md needs; writes logs under ${OUT:-/tmp/gpu_out} and packs them into results.tar.gz.
-#   bash benchmarks/gpu_session.sh [pipeline|sweep|throughput|speedrun|ablation|all] [seconds]
+#   bash benchmarks/gpu_session.sh [ab|pipeline|throughput|speedrun|ablation|all] [seconds]
+# ab:         short A/B runs that decide the GPU defaults (benchmarks/ab.py, one process): batched
+#             Muon vs torch's (SIM-ONE), chunked vs full padded logits (both), micro-batch 16/32/64
+#             (GPT-2; SIM-ONE at 48 sequences per step: 12x4, 24x2, 48x1, 16x3), compile mode default
+#             vs max-autotune-no-cudagraphs (GPT-2). Each row: the trainer's run through the engine,
+#             warm-up steps (compile), then timed steps: median tokens/s, MFU (field's convention),
+#             peak memory, compile time. Rows that do not fit in [seconds] (default 420) minus the
+#             corpus rebuild are reported as not run. Prints one Markdown table, also written to
+#             $OUT/ab_table.md (raw figures: $OUT/ab.json, log: $OUT/ab.log).
+#             AB_ARGS appends flags to ab.py (a CPU dry run: AB_ARGS="--preset tiny --warmup 1 --steps 2").
 # pipeline:   the whole pipeline at its defaults (small preset, 3 epochs of both models); the
 #             trainers' logs give tokens/s and MFU of both models at the small preset. Killed after
 #             [seconds] (default 540); a stage that fails is retried once without torch.compile.
 #             Running it again resumes (finished stages are skipped).
-# sweep:      short runs of both trainers (60 steps) over micro-batch sizes and torch.compile modes
-#             (SWEEP_ARGS="--preset tiny" appends flags to each, for a dry run on a CPU):
-#             median tokens/s and MFU of each, to find what lifts MFU toward the 45% goal.
 # throughput: benchmarks/run.py on the GPU: tokens/s, MFU, attention kernel, micro-step memory.
 # speedrun:   benchmarks/speedrun.py at the small preset, one seed.
 # ablation:   the SIM-ONE ablation at the small preset.
+# DATA_DIR: the corpus folder (default mvlm_training_dataset_complete, rebuilt from .carry/ when
+# its manifest is missing).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started=$(date +%s)
@@ -25,10 +33,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m mvlm_engine.env --report 2>&1 | tail -20
-[ -f mvlm_training_dataset_complete/manifest.json ] || \
-  python3 mvlm_training_dataset_complete/prepare.py --from_verses .carry/verses.jsonl.xz | tail -2
+data_dir=${DATA_DIR:-mvlm_training_dataset_complete}
+[ -f "$data_dir/manifest.json" ] || \
+  python3 mvlm_training_dataset_complete/prepare.py --output_dir "$data_dir" --from_verses .carry/verses.jsonl.xz | tail -2
 what=${1:-all}
-budget=${2:-540}
+if [ "$what" = ab ]; then budget=${2:-420}; else budget=${2:-540}; fi
 eval "pipeline_args=(${PIPELINE_ARGS:-})"  # e.g. PIPELINE_ARGS="--preset tiny" for a dry run on a CPU
 left() { echo $(( budget - ($(date +%s) - started) )); }
 
@@ -58,35 +67,23 @@ for p in sorted(pathlib.Path("models").glob("*/training_history.json")):
         late = rows[len(rows) // 2:]
         tps = sorted(r["tokens_per_s"] for r in late)[len(late) // 2]
         mfus = sorted(r["mfu"] for r in late if r.get("mfu") is not None)
-        mfu = f", median MFU {mfus[len(mfus) // 2]:.1%}" if mfus else ""
+        mfu = f", median MFU {mfus[len(mfus) // 2]:.1%} (every matmul, the head included)" if mfus else ""
         print(f"[gpu_session] {p.parent.name}: median tokens/s {tps:,.0f} over the second half of the logs{mfu}")
+summary = pathlib.Path("models/training_summary.json")
+if summary.is_file():  # where the pipeline's time went: each stage, the trainers' own split, the totals
+    s = json.loads(summary.read_text())
+    for stage in s.get("stages", []):
+        timings = {k: round(v, 1) for k, v in (stage.get("timings") or {}).items() if isinstance(v, (int, float))}
+        print(f"[gpu_session] stage {stage['stage']}: {stage['status']}, {stage['seconds']} s {timings or ''}")
+    print(f"[gpu_session] totals: {s.get('totals')}")
 EOF
 fi
-if [ "$what" = sweep ]; then
-  # name | trainer | flags, in priority order (each run: startup, compile, 60 steps, one eval and save)
-  while IFS='|' read -r name trainer flags; do
-    [ "$(left)" -gt 90 ] || { echo "[gpu_session] sweep: out of time before $name"; break; }
-    # shellcheck disable=SC2086
-    timeout "$(left)" python3 "$trainer" --output_dir "runs/sweep/$name" --overwrite --max_steps 60 --log_interval 10 \
-      --eval_interval 100000 --save_interval 100000 --eval_windows 20 $flags ${SWEEP_ARGS:-} > "$out/sweep_$name.log" 2>&1 \
-      || echo "[gpu_session] sweep: $name failed (log: sweep_$name.log)"
-  done <<'RUNS'
-gpt2_b32|mvlm_trainer.py|--batch_size 32
-simone_b24x2|SIM-ONE Training/enhanced_train.py|--batch_size 24 --gradient_accumulation_steps 2
-gpt2_b32_autotune|mvlm_trainer.py|--batch_size 32 --compile_mode max-autotune-no-cudagraphs
-simone_b24x2_autotune|SIM-ONE Training/enhanced_train.py|--batch_size 24 --gradient_accumulation_steps 2 --compile_mode max-autotune-no-cudagraphs
-gpt2_b64|mvlm_trainer.py|--batch_size 64
-simone_b48x1|SIM-ONE Training/enhanced_train.py|--batch_size 48 --gradient_accumulation_steps 1
-RUNS
-  python3 - <<'PY'
-import json, pathlib
-for p in sorted(pathlib.Path("runs/sweep").glob("*/training_history.json")):
-    rows = [r for r in json.loads(p.read_text())["train"] if r["step"] > 20 and r.get("tokens_per_s")]
-    if rows:
-        tps, mfus = sorted(r["tokens_per_s"] for r in rows), sorted(r["mfu"] or 0 for r in rows)
-        print(f"[gpu_session] sweep {p.parent.name}: median tokens/s {tps[len(tps) // 2]:,.0f}, "
-              f"MFU {mfus[len(mfus) // 2]:.1%} (steps 21-60)")
-PY
+if [ "$what" = ab ] && [ "$(left)" -gt 30 ]; then
+  # The corpus rebuild above counts against the budget; ab.py gets what is left, less 15 s to print and
+  # pack (a row still running at its deadline is stopped by ab.py itself; the timeout is the backstop).
+  # shellcheck disable=SC2086
+  timeout "$(left)" python3 benchmarks/ab.py --budget "$(( $(left) - 15 ))" --out "$out" --data_dir "$data_dir" \
+    ${AB_ARGS:-} 2>&1 | tee "$out/ab.log" | grep --line-buffered -E "^\[ab\]|^\||^A/B|^$"
 fi
 if [ "$what" = throughput ] || [ "$what" = all ]; then
   timeout "$(left)" python3 benchmarks/run.py --sections train memory compare --presets small --memory_presets small \

@@ -16,9 +16,10 @@ Sections (--sections; default all, --quick: all but train):
             max allocated on CUDA. On a CPU presets above tiny take one sequence per micro-step.
   train     per model and preset (--presets; tiny on a CPU, small on a GPU): tokens/s of engine
             optimizer steps on the corpus, fast path on, each in a fresh process; on a GPU also
-            MFU = (6 N + 12 L d T) x tokens/s / peak, N = non-embedding parameters, L layers,
-            d width, T sequence length, peak = the GPU's dense bf16 figure (989 TFLOP/s on
-            H100/H200; mvlm_engine/metrics.py); the attention kernel that ran is named.
+            MFU = FLOPs per token x tokens/s / peak, FLOPs per token in the field's convention
+            (6 x matmul weights, the output head included, + 12 L d T attention, L layers, d width,
+            T positions; mvlm_engine/metrics.py FLOPS_CONVENTION), peak = the GPU's dense bf16
+            figure (989 TFLOP/s on H100/H200); the attention kernel that ran is named.
   engine    tiny presets through the engine, timed round-robin in one process: both models on
             the fast and the old path, SIM-ONE against GPT-2 at the same shape (4 layers x 128),
             MVLM-GPT2 through the engine against a bare loop over the same HF model; without
@@ -27,7 +28,7 @@ Sections (--sections; default all, --quick: all but train):
             off and on), KV-cache decode against HF generate, and vocabulary padding.
 
 The old path is the code as it was before the fast path, behind its settings: --no_chunked_loss
-(full logits), --no_fused_layers (plain-op norms, SwiGLU, GELU), --no_prefetch_batches and, for
+(full logits: one matmul against the head padded to a multiple of 64 rows), --no_fused_layers (plain-op norms, SwiGLU, GELU), --no_prefetch_batches and, for
 SIM-ONE, --no_alignment_pair_cache (verse pairs tokenized every micro-step). Prefetching is on by
 default on CUDA only (the engine section measures it on and off).
 

@@ -187,6 +187,8 @@ def claim_output_dir(cfg: TrainConfig, problems: list[str] = ()) -> None:
     """Check the corpus and output folders (reporting them with a trainer's own `problems`), then
     take the output dir's lock (rank 0; one writer per folder) and check it again under the lock:
     another run may have finished meanwhile."""
+    if cfg.prepare_data_only:  # the data cache only: the output dir is another process's business
+        return fail(list(problems) + data_dir_problems(cfg))
     out = Path(cfg.output_dir).resolve()
     main_process = int(os.environ.get("RANK", 0)) == 0 and out not in HELD
     holder = folder_holder(out) if main_process and out.is_dir() else None

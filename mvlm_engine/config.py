@@ -82,6 +82,9 @@ class TrainConfig:
     muon_momentum_start: float = setting(0.85, "Muon's momentum at step 0 of --muon_momentum_warmup_steps")
     muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay: each step multiplies the hidden matrices "
                                             "by 1 - lr * decay")
+    muon_impl: Literal["torch", "batched"] = setting(
+        "torch", "torch: torch.optim.Muon, one matrix at a time; batched: the same update with each shape's matrices "
+                 "stacked, the Newton-Schulz iteration as batched matmuls (compiled on CUDA; mvlm_engine/muon.py)")
     schedule: Literal["cosine", "wsd"] = setting(
         "cosine", "after warmup: cosine decay, or wsd (warmup-stable-decay: flat, then a linear decay)")
     decay_fraction: float = setting(0.2, "wsd: the share of the steps spent decaying at the end")
@@ -101,7 +104,8 @@ class TrainConfig:
         "auto", "auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU")
     compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA; TORCH_COMPILE=0/1 overrides)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = setting(
-        "default", "torch.compile's mode when compiling (benchmarks/gpu_session.sh sweep measures them on a GPU)")
+        "default", "torch.compile's mode when compiling (benchmarks/gpu_session.sh ab measures "
+                   "max-autotune-no-cudagraphs against the default on a GPU)")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
     chunked_loss: bool = setting(True, "cross-entropy through the unembedding a chunk of rows at a time, so the "
                                        "full tokens x vocabulary logits are never held (off: full logits, as before)")
@@ -136,6 +140,10 @@ class TrainConfig:
                                       per_invocation=True)
     overwrite: bool = setting(False, "start a fresh run in an --output_dir that already holds a run",
                               per_invocation=True)
+    prepare_data_only: bool = setting(
+        False, "build (or find cached) the run's tokenizer and token shards, then exit without touching "
+               "--output_dir (train_all_models.py runs it for the next model while the previous one trains)",
+        per_invocation=True)
 
     def problems(self) -> list[str]:
         """Every invalid value, as messages naming the flag (types were checked on construction)."""

@@ -24,11 +24,17 @@ class StepGuard:
     """Copies of the trainable parameters and their optimizer state from before the last step."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.states = [o.state for o in optimizers_of(optimizer)]  # per-parameter state of each real optimizer
+        self.optimizers = optimizers_of(optimizer)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.live: list[torch.Tensor] = []
         self.copies: list[torch.Tensor] = []
         self.had_state: set[tuple[int, int]] = set()
+
+    @property
+    def states(self) -> list[dict]:
+        """The per-parameter state of each real optimizer, read when used: load_state_dict (a
+        resume) replaces an optimizer's state dict with a new one."""
+        return [o.state for o in self.optimizers]
 
     def _tensors(self) -> list[torch.Tensor]:
         tensors = list(self.params)

@@ -1,4 +1,4 @@
-"""Cross-entropy over a linear unembedding without the full (rows, vocabulary) logits tensor.
+"""Cross-entropy over a linear unembedding, with or without the full (rows, vocabulary) logits.
 
 `linear_log_partition(hidden, weight, targets)` returns, per row, the log-partition
 logsumexp(h W^T) and the logit of that row's target, computing the logits a chunk of rows at
@@ -10,6 +10,11 @@ objective needs is a cheap expression of these two (N,) vectors:
 
 Rows of several heads that share the unembedding (a next-token head and a t+2 head, say) go
 through one call, concatenated, so the weight is streamed once per chunk for all of them.
+
+`full_log_partition` returns the same two vectors from the whole (N, V) logits in one matmul
+(`--no_chunked_loss`): more memory, no recompute, and a graph torch.compile can fuse end to
+end; which is faster on a GPU is measured (benchmarks/gpu_session.sh ab). An objective picks
+one with `log_partition_function(chunked)` and is otherwise the same code for both.
 
 Vocabulary padding: the matmuls run against the weight padded with zero rows to a multiple of
 VOCAB_MULTIPLE (aligned shapes for tensor cores and CPU GEMM kernels: measured on CPU, 1.3x
@@ -131,6 +136,25 @@ def linear_log_partition(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     autocast dtype and the softmax statistics in fp32, as `F.linear(...).float()` would."""
     chunk_rows = chunk_rows or rows_per_chunk(weight.shape[0], hidden.device)
     return _LinearLogPartition.apply(hidden, weight, targets, chunk_rows, float(softcap), _compute_dtype(hidden))
+
+
+def full_log_partition(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_log_partition's (log-partition, target logit) from the full logits: one matmul
+    against the weight padded with zero rows to a multiple of VOCAB_MULTIPLE (a 50,257-row head ->
+    50,304), the padding columns sliced off before the softmax (never predicted, no gradient);
+    the softmax statistics in fp32. Memory: the (N, V) logits and their gradient."""
+    vocab = weight.shape[0]
+    dtype = _compute_dtype(hidden)
+    logits = F.linear(hidden.to(dtype), _padded(weight, dtype))[:, :vocab].float()  # (N, V padded) -> (N, V)
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.logsumexp(dim=-1), logits.gather(1, targets[:, None]).squeeze(1)
+
+
+def log_partition_function(chunked: bool):
+    """linear_log_partition (chunked: the logits never held) or full_log_partition."""
+    return linear_log_partition if chunked else full_log_partition
 
 
 def cross_entropy_from_log_partition(log_partition: torch.Tensor, target_logit: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -14,9 +15,39 @@ from .logs import get_logger
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def transformer_flops_per_token(non_embedding_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (matmuls, forward and backward) + 12 L d T (attention)."""
-    return 6 * non_embedding_params + 12 * n_layers * d_model * seq_len
+# How MFU is counted, said in the logs, run_summary.json and the benchmarks.
+FLOPS_CONVENTION = ("6 x matmul weights (output head included, embedding lookups not) + 12 x layers x d_model x "
+                    "positions (attention), per scored token")
+
+
+def matmul_weights(modules) -> int:
+    """Weights that multiply activations in `modules`: every 2-D parameter outside nn.Embedding
+    (linear and 1-D convolution weights). Embedding tables are lookups, not matmuls."""
+    looked_up = {id(m.weight) for module in modules for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    seen, total = set(), 0
+    for module in modules:
+        for param in module.parameters():
+            if param.dim() == 2 and id(param) not in looked_up and id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+    return total
+
+
+def training_flops_per_token(body_matmul_weights: int, head_matmul_weights: int, n_layers: int, d_model: int,
+                             seq_len: int, extra_positions: int = 0) -> float:
+    """Training FLOPs per scored token, every matmul of the step counted (nanoGPT's and PaLM's
+    convention, FLOPS_CONVENTION): 6 per matmul weight per position (2 forward, 4 backward), the
+    output head included; attention 12 L d S per position (QK^T and AV, forward and backward, over
+    S positions, not halved for the causal mask). Embedding lookups, norms, biases and element-wise
+    ops are not counted.
+
+    extra_positions: positions the body runs besides the seq_len scored ones (e.g. memory tokens
+    before every sequence): the body and its attention run seq_len + extra_positions positions
+    for seq_len scored tokens, so their share is scaled by that ratio; the head runs on the scored
+    tokens only."""
+    positions = seq_len + extra_positions
+    body = 6 * body_matmul_weights + 12 * n_layers * d_model * positions
+    return body * positions / seq_len + 6 * head_matmul_weights
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -31,11 +62,21 @@ def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None, wo
 
 
 class History:
-    """training_history.json: one record per logged step and per evaluation."""
+    """training_history.json: one record per logged step and per evaluation.
+
+    save() writes it now (atomically, fsynced); save_soon() hands a snapshot of the records to a
+    background thread and returns at once, so a logging step does not wait for the disk. A newer
+    snapshot replaces one not yet written; save() and flush() wait for the thread, and an error
+    it met (a full disk) is raised there, in the training thread."""
 
     def __init__(self, path: Path, config: dict):
         self.path = path
         self.data = {"config": config, "train": [], "eval": []}
+        self._pending: dict | None = None
+        self._writing = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def resume(self, step: int) -> None:
         """Keep what an earlier run logged up to `step` (later records belong to a lost future)."""
@@ -47,8 +88,46 @@ class History:
     def log(self, kind: str, record: dict) -> None:
         self.data[kind].append(record)
 
+    def snapshot(self) -> dict:
+        """The records as they are now (lists copied: later records are not part of it)."""
+        return {key: list(value) if isinstance(value, list) else value for key, value in self.data.items()}
+
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, allow_nan=True) + "\n")
+        self.flush()
+        self._write(self.snapshot())
+
+    def save_soon(self) -> None:
+        with self._changed:
+            self._pending = self.snapshot()
+            self._changed.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_pending, name="history-writer", daemon=True)
+            self._thread.start()
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Wait until the background writes are done; raise the error one of them met."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending is None and not self._writing)
+            error, self._error = self._error, None
+        if error is not None and raise_errors:
+            raise error
+
+    def _write(self, data: dict) -> None:
+        atomic_write_text(self.path, json.dumps(data, indent=1, allow_nan=True) + "\n")
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending is not None)
+                data, self._pending, self._writing = self._pending, None, True
+            try:
+                self._write(data)
+            except BaseException as err:  # noqa: BLE001  (raised in the training thread by flush)
+                self._error = err
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
 
 
 class TensorBoard:

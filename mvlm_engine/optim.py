@@ -1,7 +1,8 @@
 """Optimizers and the learning-rate schedule.
 
 --optimizer adamw: AdamW on every parameter, in three groups (below).
---optimizer muon:  torch.optim.Muon on the hidden matrices (the weights of nn.Linear layers
+--optimizer muon:  Muon (torch.optim.Muon, or with --muon_impl batched the same update batched
+                   by shape: muon.py) on the hidden matrices (the weights of nn.Linear layers
                    that are neither tied to an embedding nor an output head) and AdamW on the
                    rest: embeddings, output heads, gains and biases, bare parameters such as
                    learned memory slots.
@@ -151,9 +152,15 @@ def build_optimizer(module: nn.Module, cfg, device: torch.device):
     in_muon = {id(p) for p in matrices}
     if device.type == "cpu":
         use_fp32_newton_schulz_on_cpu()
-    muon = torch.optim.Muon([{"params": matrices, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
-                            momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, nesterov=True,
-                            adjust_lr_fn="original")
+    muon_options = {"lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay,
+                    "nesterov": True, "adjust_lr_fn": "original"}
+    if cfg.muon_impl == "batched":
+        from .muon import BatchedMuon
+        from .runtime import resolve_compile
+        muon = BatchedMuon([{"params": matrices, "peak_lr": cfg.muon_lr}], **muon_options,
+                           compile=device.type == "cuda" and resolve_compile(cfg.compile, device))
+    else:
+        muon = torch.optim.Muon([{"params": matrices, "peak_lr": cfg.muon_lr}], **muon_options)
     rest = [p for p in params if id(p) not in in_muon]
     adamw = torch.optim.AdamW(adamw_groups(rest, heads, cfg), lr=cfg.learning_rate, **adamw_options)
     return OptimizerSet([muon, adamw])

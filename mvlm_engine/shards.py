@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ from .stopping import STOP
 from .tokenizer import eos_id, get_or_train_tokenizer, token_byte_lengths, tokenizer_hash
 
 ENCODE_BATCH_DOCS = 256
-ENCODE_BATCH_CHARS = 1 << 20  # ~1 MB of text a batch: a stop request waits a second or so at most
+# Text per encoding batch: ~0.5 MB per CPU core (1 MB on 2 cores), so that every core has books to
+# encode and a batch still takes a second or so (a stop request waits for it at most).
+ENCODE_BATCH_CHARS = (1 << 19) * max(2, os.cpu_count() or 2)
 SPLITS = ("train", "val")
 log = get_logger("cache")
 
@@ -184,6 +187,7 @@ class TokenData:
     tokenizer_path: Path
     shards: TokenShards
     byte_lengths: np.ndarray
+    timings: dict = field(default_factory=dict)  # seconds: corpus_index, tokenizer, shards (run_summary.json)
 
     @property
     def tokenizer_hash(self) -> str:
@@ -196,14 +200,20 @@ def prepare_token_data(cfg, runtime: Runtime, tokenizer_factory=None) -> TokenDa
 
     tokenizer_factory(corpus, cache_dir) -> (Tokenizer, path) replaces the plain BPE."""
     cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data_dir) / ".cache"
+    started = time.perf_counter()
     corpus = load_corpus(cfg.data_dir, announce=runtime.is_main)
+    timings = {"corpus_index_seconds": time.perf_counter() - started}
 
     def build():
+        started = time.perf_counter()
         if tokenizer_factory is not None:
             tokenizer, path = tokenizer_factory(corpus, cache)
         else:
             tokenizer, path = get_or_train_tokenizer(corpus, cfg.vocab_size, cache)
-        return tokenizer, path, build_token_shards(corpus, tokenizer, cache)
+        timings["tokenizer_seconds"] = time.perf_counter() - started
+        shards = build_token_shards(corpus, tokenizer, cache)
+        timings["shards_seconds"] = time.perf_counter() - started - timings["tokenizer_seconds"]
+        return tokenizer, path, shards
 
     builder = runtime.local_rank == 0
     with STOP.deferred():  # tokenizer training and encoding stop at their next check
@@ -212,4 +222,4 @@ def prepare_token_data(cfg, runtime: Runtime, tokenizer_factory=None) -> TokenDa
         tokenizer, path, shards = build()
         if builder:
             runtime.barrier()
-    return TokenData(tokenizer, path, shards, token_byte_lengths(tokenizer))
+    return TokenData(tokenizer, path, shards, token_byte_lengths(tokenizer), timings)

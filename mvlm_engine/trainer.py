@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from .evaluation import EvaluationStopped, evaluate
 from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, storage_errors
 from .guard import StepGuard
 from .logs import get_logger
-from .metrics import History, TensorBoard, mfu, peak_flops, plot_history
+from .metrics import FLOPS_CONVENTION, History, TensorBoard, mfu, peak_flops, plot_history
 from .optim import apply_schedule, build_optimizer, optimizers_of
 from .packaging import MODEL_MANIFEST, RUN_SUMMARY, write_model_manifest
 from .prefetch import with_prefetch
@@ -73,13 +74,21 @@ def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
 
 @dataclass
 class LogWindow:
-    """Sums over the steps since the last training record (skipped steps add tokens only)."""
+    """Sums over the steps since the last training record, kept on the device (skipped steps add
+    tokens only): read in a logging step's one host sync, with the step's flags."""
 
     started: float = field(default_factory=time.perf_counter)
     tokens: int = 0
-    steps: int = 0
-    loss: torch.Tensor | float = 0.0
-    terms: dict = field(default_factory=dict)
+    steps: int = 0  # good steps in the window (host count, known after each step's sync)
+    sums: torch.Tensor | None = None  # (1 + terms,) fp32: the loss and each term, summed over good steps
+    names: list = field(default_factory=list)  # the terms' names, in sums' order after the loss
+
+    def add(self, loss: torch.Tensor, terms: dict, good: torch.Tensor) -> torch.Tensor:
+        """Add a step's loss and terms where `good` (a bool tensor on the device): no host sync."""
+        values = torch.stack([loss, *terms.values()]).float()
+        values = torch.where(good, values, torch.zeros_like(values))
+        self.sums, self.names = (values if self.sums is None else self.sums + values), list(terms)
+        return self.sums
 
 
 @dataclass
@@ -91,6 +100,29 @@ class StepResult:
     grad_norm: torch.Tensor
     skipped: bool
     stop_requested: bool
+    logged: list[float] | None = None  # logging steps: the window's summed loss and terms, then the grad norm
+
+
+@dataclass
+class Timings:
+    """Where a run's time went, for run_summary.json (train_all_models.py adds up the pipeline's)."""
+
+    first_step: float | None = None  # with torch.compile: tracing and compiling, plus one step
+    steps: list = field(default_factory=list)  # the next steps' seconds (the first 50)
+    loop_seconds: float = 0.0  # the training loop: steps, evaluations, checkpoints
+    eval_and_checkpoint_seconds: float = 0.0
+
+    def step_took(self, seconds: float) -> None:
+        if self.first_step is None:
+            self.first_step = seconds
+        elif len(self.steps) < 50:
+            self.steps.append(seconds)
+
+    def summary(self) -> dict:
+        step = statistics.median(self.steps) if self.steps else None
+        return {"first_step_seconds": self.first_step, "median_step_seconds": step,
+                "compile_seconds": None if step is None else max(0.0, self.first_step - step),
+                "loop_seconds": self.loop_seconds, "eval_and_checkpoint_seconds": self.eval_and_checkpoint_seconds}
 
 
 @dataclass
@@ -119,6 +151,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     guard: StepGuard | None = None  # undoes a step that leaves a weight non-finite
     average: WeightAverage | None = None  # --ema_decay: what evaluation, best_model and the export see
+    timings: Timings = field(default_factory=Timings)
 
     @property
     def out(self) -> Path:
@@ -144,12 +177,19 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
     """Train until the step budget is spent; export the model; return the run summary."""
     with STOP.deferred() as stop:  # a signal stops at the next step boundary, with a checkpoint
         run = start_or_restore(cfg, task, runtime, data)
-        if run.state["eval_pending"]:
-            finish_pending_eval(run)
-        while run.state["step"] < run.total_steps and not run.state["early_stopped"]:
-            result = optimizer_step(run, stop)
-            log_window(run, result)
-            evaluate_and_checkpoint(run, result, stop)
+        loop_started = time.perf_counter()
+        try:
+            if run.state["eval_pending"]:
+                finish_pending_eval(run)
+            while run.state["step"] < run.total_steps and not run.state["early_stopped"]:
+                step_started = time.perf_counter()
+                result = optimizer_step(run, stop)  # its host sync makes this the step's device time too
+                run.timings.step_took(time.perf_counter() - step_started)
+                log_window(run, result)
+                evaluate_and_checkpoint(run, result, stop)
+        finally:  # however the loop ends, the history's background write completes first
+            run.history.flush(raise_errors=False)
+        run.timings.loop_seconds = time.perf_counter() - loop_started
     return finish(run)
 
 
@@ -250,19 +290,23 @@ def optimizer_step(run: Run, stop: StopSignal) -> StepResult:
     run.guard.save()
     for optimizer in optimizers_of(run.optimizer):
         run.scaler.step(optimizer)
-    skipped, stop_requested = read_step_flags(run, loss, grad_norm, stop)
+    logging = (step + 1) % cfg.log_interval == 0 or step + 1 == run.total_steps
+    skipped, stop_requested, logged = read_step_flags(run, loss, terms, grad_norm, stop, logging)
+    run.window.tokens += run.tokens_per_step
     if skipped:
         run.guard.restore()  # as if the step had never run
         skip_step(run, step, skipped)
     else:
         run.state["bad_steps"] = 0
+        run.window.steps += 1
         if run.average is not None:
             run.average.update(step + 1)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.state["step"] = step + 1
     run.progress.update(1)
-    return StepResult(step + 1, cfg.learning_rate * factor, loss, terms, grad_norm, bool(skipped), stop_requested)
+    return StepResult(step + 1, cfg.learning_rate * factor, loss, terms, grad_norm, bool(skipped), stop_requested,
+                      logged)
 
 
 def accumulate_gradients(run: Run) -> tuple[torch.Tensor, dict]:
@@ -284,10 +328,12 @@ def accumulate_gradients(run: Run) -> tuple[torch.Tensor, dict]:
     return loss_sum / accumulation, {k: v / accumulation for k, v in term_sums.items()}
 
 
-def read_step_flags(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopSignal) -> tuple[str, bool]:
-    """(why the step is bad, "" if it is not; stop requested), agreed across ranks. The one host
-    sync of a step. A step is bad when the loss or any updated weight is not finite; without a
-    GradScaler, non-finite gradients count too (with one, the scaler skips them itself)."""
+def read_step_flags(run: Run, loss: torch.Tensor, terms: dict, grad_norm: torch.Tensor, stop: StopSignal,
+                    logging: bool) -> tuple[str, bool, list[float] | None]:
+    """(why the step is bad, "" if it is not; stop requested; on a logging step the log window's
+    sums and the gradient norm), agreed across ranks. The one host sync of a step. A step is bad
+    when the loss or any updated weight is not finite; without a GradScaler, non-finite gradients
+    count too (with one, the scaler skips them itself). Its loss joins the window only if good."""
     bad = ~torch.isfinite(loss)
     if not run.scaler.is_enabled():
         bad = bad | ~torch.isfinite(grad_norm)
@@ -295,9 +341,18 @@ def read_step_flags(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, stop:
                          torch.tensor(float(stop.signum > 0), device=run.runtime.device)])
     if run.runtime.distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_loss, bad_weights, stop_requested = (bool(v) for v in flags.tolist())
+    sums = run.window.add(loss, terms, good=flags[:2].amax() == 0)
+    read = flags
+    if logging:
+        if run.runtime.distributed:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums /= run.runtime.world_size
+        read = torch.cat([flags, sums, grad_norm.detach().float().reshape(1)])
+    values = read.tolist()
+    bad_loss, bad_weights, stop_requested = (bool(v) for v in values[:3])
     reason = "non-finite loss or gradients" if bad_loss else "the update made weights non-finite" if bad_weights else ""
-    return reason, stop_requested
+    return reason, stop_requested, values[3:] if logging else None
 
 
 def skip_step(run: Run, step: int, reason: str) -> None:
@@ -314,29 +369,21 @@ def skip_step(run: Run, step: int, reason: str) -> None:
 
 
 def log_window(run: Run, result: StepResult) -> None:
-    """Add the step to the window; every log_interval steps write one training record."""
+    """On a logging step, one training record from the values the step's sync read (no device
+    reads here); the history file is written in the background, off the step path."""
     window = run.window
-    if not result.skipped:
-        window.loss = window.loss + result.loss
-        for key, value in result.terms.items():
-            window.terms[key] = window.terms.get(key, 0.0) + value
-        window.steps += 1
-    window.tokens += run.tokens_per_step
-    if not window.steps or (result.step % run.cfg.log_interval and result.step != run.total_steps):
+    if result.logged is None or not window.steps:
         return
-    values = torch.stack([window.loss, *window.terms.values()]) / window.steps
-    if run.runtime.distributed:
-        dist.all_reduce(values)
-        values /= run.runtime.world_size
-    values = values.tolist()
+    *sums, grad_norm = result.logged
+    values = [v / window.steps for v in sums]
     tokens_per_s = window.tokens / (time.perf_counter() - window.started)
-    record = {"step": result.step, "lr": result.lr, "loss": values[0], "grad_norm": float(result.grad_norm),
+    record = {"step": result.step, "lr": result.lr, "loss": values[0], "grad_norm": grad_norm,
               "tokens_per_s": tokens_per_s, "mfu": mfu(run.task.flops_per_token, tokens_per_s,
                                                        peak_flops(run.runtime.device), run.runtime.world_size),
-              **dict(zip(window.terms, values[1:]))}
+              **dict(zip(window.names, values[1:]))}
     if run.runtime.is_main:
         run.history.log("train", record)
-        run.history.save()
+        run.history.save_soon()
         run.board.scalars("train", record, result.step)
         postfix = {"loss": f"{values[0]:.3f}", "lr": f"{result.lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
         if record["mfu"] is not None:
@@ -358,6 +405,7 @@ def evaluate_and_checkpoint(run: Run, result: StepResult, stop: StopSignal) -> N
     if step % run.cfg.save_interval == 0 or last or stopping:
         checkpoint(run, f"step_{step:06d}")
     run.window.started += time.perf_counter() - paused  # tokens/s counts training time only
+    run.timings.eval_and_checkpoint_seconds += time.perf_counter() - paused
     if stopping and (not last or run.state["eval_pending"]):
         run.progress.close()
         run.board.close()
@@ -420,6 +468,7 @@ def run_eval(run: Run) -> dict:
 def checkpoint(run: Run, name: str) -> None:
     """Save the full training state under checkpoints/<name> (rank 0 writes, every rank waits)."""
     if run.runtime.is_main:
+        run.history.save()  # every record up to this step is on disk before the checkpoint is
         cfg = run.cfg
         trainer_state = {**run.state, "data": run.task.batches.state_dict(), "tokenizer_hash": run.data.tokenizer_hash,
                          "schedule": {"kind": cfg.schedule, "warmup_steps": cfg.warmup_steps,
@@ -449,8 +498,10 @@ def finish(run: Run) -> dict:
             raise TrainingDiverged(f"the final held-out loss is {summary['final_val_loss']}, so the model was not "
                                    f"exported; {last_good_checkpoint(run.ckpt_root)}")
         ensure_free_space(run.out, state_bytes(run.task.objective, run.optimizer) // 3, "the final model")
+        exporting = time.perf_counter()
         with storage_errors(run.out, "exporting the model into"):
             run.task.export(run.out)
+        summary["timings"]["export_seconds"] = time.perf_counter() - exporting
         try:
             plot_history(run.history.data, run.out / "loss_curve.png", run.task.name)
         except Exception as err:  # noqa: BLE001  (a plot must never cost a finished run its summary)
@@ -492,4 +543,14 @@ def run_summary(run: Run, exported: dict) -> dict:
             "exported_step": exported.get("step"), "last_val_loss": run.last_eval.get("val_loss"),
             "last_val_bpb": run.last_eval.get("val_bpb"), "early_stopped": run.state["early_stopped"],
             "best_val_loss": run.state["best_val_loss"], "precision": r.precision, "compile": r.compile,
-            "world_size": r.world_size, "device": str(r.device), "tokenizer_hash": run.data.tokenizer_hash}
+            "world_size": r.world_size, "device": str(r.device), "tokenizer_hash": run.data.tokenizer_hash,
+            "flops_per_token": run.task.flops_per_token, "flops_convention": FLOPS_CONVENTION,
+            "peak_memory_bytes": peak_memory_bytes(r.device), "timings": {**run.data.timings, **run.timings.summary()}}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this process held: CUDA's max allocated, else the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

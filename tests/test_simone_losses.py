@@ -92,7 +92,9 @@ def test_each_term_trains_the_parameters_it_should():
     assert coherence["multi_token_head.down.weight"].abs().sum() > 0
     assert coherence["model.embed_tokens.weight"].abs().sum() > 0  # through the trunk
     accuracy = grads_of(objective, "accuracy")
-    assert accuracy["multi_token_head.down.weight"] is None  # the next-token loss never touches the t+2 head
+    # The next-token loss never moves the t+2 head: both heads' rows share one pass over the
+    # unembedding, so its gradient there is exactly zero.
+    assert not accuracy["multi_token_head.down.weight"].any()
     assert accuracy["model.memory_embeddings"].abs().sum() > 0  # memory tokens are trained through attention
     assert accuracy["model.layers.0.self_attn.head_gate.weight"].abs().sum() > 0  # the policy gate learns
     alignment = grads_of(objective, "alignment")

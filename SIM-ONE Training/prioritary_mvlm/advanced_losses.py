@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvlm_engine.distillation import TEACHER_LOG_PROBS, distillation_loss
-from mvlm_engine.losses import cross_entropy_from_log_partition, linear_log_partition, z_loss_from_log_partition
+from mvlm_engine.losses import cross_entropy_from_log_partition, log_partition_function, z_loss_from_log_partition
 from mvlm_engine.parallel_verses import mean_pool
 
 
@@ -88,10 +88,12 @@ class CompositeObjective(nn.Module):
     Only terms with a non-zero weight are built, computed and given parameters, so a weight
     of 0 costs nothing and leaves no unused parameters (DDP needs that).
 
-    chunked_loss: the next-token and t+2 rows go through one chunked cross-entropy over the
-    shared unembedding (mvlm_engine.losses), the z-loss reuses its log-partition, and the
-    alignment forward computes no logits; off: full (B, T, V) logits per head, as before. A
-    batch with teachers' targets takes the full-logits path (the distillation term needs them).
+    The next-token and t+2 rows go through one cross-entropy pass over the shared unembedding
+    (mvlm_engine.losses), the z-loss reuses its log-partition, and the alignment forward computes
+    no logits. chunked_loss: a chunk of rows at a time, the (rows, V) logits never held; off: the
+    full logits of one matmul against the unembedding padded to a multiple of 64 rows. The pure
+    functions above compute the same terms from a model's own logits (the tests' reference); a
+    batch with teachers' targets takes that path too (the distillation term needs the logits).
     """
 
     def __init__(self, model: nn.Module, weights: dict[str, float], adaptive: bool, temperature: float,
@@ -112,13 +114,13 @@ class CompositeObjective(nn.Module):
 
     def forward(self, batch: dict):
         teacher = batch.get(TEACHER_LOG_PROBS)
-        if self.chunked_loss and teacher is None:
-            terms = self.language_terms_chunked(batch["input_ids"], batch["labels"])
+        if teacher is None:
+            terms = self.language_terms(batch["input_ids"], batch["labels"])
         else:
             terms = self.language_terms_full_logits(batch["input_ids"], batch["labels"], teacher)
         if "alignment" in self.weights:
             pairs = batch["pair_ids"]  # (2P, L): first P rows one translation, last P the other
-            hidden = self.model(pairs, return_logits=not self.chunked_loss).hidden_states
+            hidden = self.model(pairs, return_logits=False).hidden_states
             first, second = mean_pool(hidden, batch["pair_mask"]).chunk(2)
             terms["alignment"] = alignment_loss(first, second, self.temperature)
         total = combine_losses(terms, self.weights, self.log_variances)
@@ -142,8 +144,8 @@ class CompositeObjective(nn.Module):
             terms["stability"] = z_loss(out.logits)
         return terms
 
-    def language_terms_chunked(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
-        """The same terms through one chunked pass over the unembedding for both heads."""
+    def language_terms(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
+        """accuracy, coherence and stability through one pass over the unembedding for both heads."""
         hidden = self.model(input_ids, return_logits=False).hidden_states  # (B, T, D)
         rows, targets = [hidden.flatten(0, 1)], [labels.flatten()]
         if self.multi_token_head is not None:  # position t predicts labels[:, t + 1]
@@ -153,8 +155,8 @@ class CompositeObjective(nn.Module):
         unembedding = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         # A model config with a logit soft-cap applies it inside model.logits; the loss must too.
         softcap = getattr(model.config, "logit_softcap", 0.0)
-        log_partition, target_logit = linear_log_partition(torch.cat(rows), unembedding, torch.cat(targets),
-                                                           softcap=softcap)
+        log_partition, target_logit = log_partition_function(self.chunked_loss)(
+            torch.cat(rows), unembedding, torch.cat(targets), softcap=softcap)
         n = labels.numel()
         terms = {"accuracy": cross_entropy_from_log_partition(log_partition[:n], target_logit[:n])}
         if self.multi_token_head is not None:

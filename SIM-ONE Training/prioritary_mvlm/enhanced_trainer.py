@@ -15,7 +15,7 @@ import torch
 from mvlm_engine.data import BlockSampler, LMBatches
 from mvlm_engine.fileio import plain_file_modes
 from mvlm_engine.logs import get_logger
-from mvlm_engine.metrics import transformer_flops_per_token
+from mvlm_engine.metrics import FLOPS_CONVENTION, matmul_weights, training_flops_per_token
 from mvlm_engine.parallel_verses import EncodedPairs, ParallelVerses, encode_padded
 from mvlm_engine.runtime import Runtime, sdpa_backend_name
 from mvlm_engine.shards import prepare_token_data
@@ -95,10 +95,15 @@ class EnhancedPrioritaryTrainer:
         return CompositeObjective(model, self.loss_weights(), cfg.adaptive_weights, cfg.alignment_temperature,
                                   cfg.chunked_loss, cfg.distill_temperature)
 
+    def prepare_data(self):
+        """The seeded tokenizer and the token shards, built or read from the cache."""
+        cfg = self.cfg
+        return prepare_token_data(cfg, self.runtime, tokenizer_factory=lambda corpus, cache: build_simone_tokenizer(
+            corpus, cfg.vocab_size, cfg.quality_seeds, cache))
+
     def build_task(self) -> tuple[TrainingTask, object]:
         cfg, runtime = self.cfg, self.runtime
-        data = prepare_token_data(cfg, runtime, tokenizer_factory=lambda corpus, cache: build_simone_tokenizer(
-            corpus, cfg.vocab_size, cfg.quality_seeds, cache))
+        data = self.prepare_data()
         # Alignment pairs come from verses.jsonl: check it before building the model.
         verses = ParallelVerses(cfg.data_dir, "train") if cfg.alignment_weight > 0 else None
         objective = self.build_objective(data.tokenizer.get_vocab_size())
@@ -106,14 +111,14 @@ class EnhancedPrioritaryTrainer:
         sampler = BlockSampler(data.shards.tokens("train"), cfg.block_size, cfg.batch_size, cfg.seed,
                                runtime.rank, runtime.world_size)
         batches = PairedBatches(LMBatches(sampler), verses, data.tokenizer, cfg, runtime.rank)
-        mc = model.config
+        mc, flops = model.config, flops_per_token(objective, cfg)
         if runtime.is_main:
             log.info(f"{self.name} preset {cfg.preset}: {model.count_parameters(False) / 1e6:.2f}M parameters "
                      f"({model.count_parameters(True) / 1e6:.2f}M non-embedding), vocab {mc.vocab_size}, policy gate "
                      f"{mc.policy_gate}, memory tokens {mc.memory_tokens}, loss weights {objective.weights}, adaptive "
                      f"{cfg.adaptive_weights}; {runtime.world_size} x {runtime.device}, {runtime.precision}, compile "
-                     f"{runtime.compile}, SDPA backend {sdpa_backend_name(runtime, mc.n_heads, mc.head_dim)}")
-        flops = transformer_flops_per_token(model.count_parameters(True), mc.n_layers, mc.d_model, cfg.block_size)
+                     f"{runtime.compile}, SDPA backend {sdpa_backend_name(runtime, mc.n_heads, mc.head_dim)}; "
+                     f"{flops / 1e6:,.1f} MFLOPs per token ({FLOPS_CONVENTION})")
         task = TrainingTask(name=self.name, objective=objective, logits=lambda module, x: module.logits(x),
                             batches=batches, flops_per_token=flops, config=cfg, description=DESCRIPTION,
                             non_embedding_params=model.count_parameters(True),
@@ -124,6 +129,25 @@ class EnhancedPrioritaryTrainer:
         """Run the whole training; returns the engine's run summary."""
         task, data = self.build_task()
         return fit(self.cfg, task, self.runtime, data)
+
+
+def flops_per_token(objective: CompositeObjective, cfg: PrioritaryConfig) -> float:
+    """Training FLOPs per language-modelling token (metrics.FLOPS_CONVENTION) of everything the
+    step runs: the body over the memory tokens and the T real ones, the head on the real ones; the
+    t+2 head's MLP and its second pass through the head (coherence on); the body over the
+    alignment pairs (alignment on: 2P verses of up to alignment_max_tokens, per micro-batch)."""
+    model, mc, T = objective.model, objective.model.config, cfg.block_size
+    unembedding = model.embed_tokens if model.lm_head is None else model.lm_head
+    body, head = matmul_weights(model.layers), unembedding.weight.numel()
+    flops = training_flops_per_token(body, head, mc.n_layers, mc.d_model, T, mc.memory_tokens)
+    if objective.multi_token_head is not None:  # on T - 1 of the T rows
+        flops += 6 * (matmul_weights([objective.multi_token_head]) + head) * (T - 1) / T
+    if "alignment" in objective.weights:  # no head: the pairs' hidden states are pooled
+        pair_len = cfg.alignment_max_tokens
+        pair_tokens = 2 * cfg.alignment_pairs * pair_len
+        flops += training_flops_per_token(body, 0, mc.n_layers, mc.d_model, pair_len, mc.memory_tokens) \
+            * pair_tokens / (cfg.batch_size * T)
+    return flops
 
 
 def export(model: SimOneModel, tokenizer_path: Path, block_size: int, out: Path) -> None:

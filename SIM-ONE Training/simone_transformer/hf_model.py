@@ -149,6 +149,9 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
         SIM-ONE has: the value-embedding tables and the native config's vocab_size."""
         embeddings = super().resize_token_embeddings(*args, **kwargs)
         vocab = embeddings.weight.shape[0]
+        head = self.model.lm_head
+        if head is not None and head.out_features != vocab:  # transformers 4 skips it (tie_word_embeddings)
+            self.set_output_embeddings(self._get_resized_lm_head(head, vocab))
         if self.model.value_embeds is not None:
             for i, table in enumerate(self.model.value_embeds):
                 self.model.value_embeds[i] = self._get_resized_embeddings(table, vocab)

@@ -230,10 +230,6 @@ def check_shipped_files_in_llama_cpp(model_dir, corpus_dir, tmp_path, llama_cpp)
 
 
 @pytest.mark.e2e
-def test_shipped_mvlm_gpt2_files_in_llama_cpp(llama_cpp, trained_gpt2, small_corpus, tmp_path):
-    check_shipped_files_in_llama_cpp(trained_gpt2, small_corpus, tmp_path, llama_cpp)
-
-
-@pytest.mark.e2e
-def test_shipped_simone_files_in_llama_cpp(llama_cpp, plain_simone, small_corpus, tmp_path):
-    check_shipped_files_in_llama_cpp(plain_simone, small_corpus, tmp_path, llama_cpp)
+@pytest.mark.parametrize("trained", ["trained_gpt2", "plain_simone"])  # MVLM-GPT2; a governance-off SIM-ONE
+def test_shipped_files_in_llama_cpp(llama_cpp, trained, small_corpus, tmp_path, request):
+    check_shipped_files_in_llama_cpp(request.getfixturevalue(trained), small_corpus, tmp_path, llama_cpp)

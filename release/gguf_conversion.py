@@ -572,16 +572,21 @@ def quantize(source: Path, output: Path, dtype: str) -> None:
     """llama.cpp's quantizer: the GGUF file `source` -> `output` as `dtype` (LLAMA_CPP_QUANTS),
     through a staging file renamed into place."""
     import ctypes
+    import logging
 
     llama_cpp = quantizer()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_CPP_QUANTS[dtype])
     params.nthread = min(os.cpu_count() or 1, 8)
     tmp = staging_path(output)
+    chatter = logging.getLogger("llama-cpp-python")  # llama.cpp's log: a line per tensor unless raised
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
     try:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0 or not tmp.is_file():
             raise UserError(f"llama.cpp's quantizer could not make {dtype} from {source.name} (status {status})")
         os.replace(tmp, output)
     finally:
+        chatter.setLevel(level)
         tmp.unlink(missing_ok=True)

@@ -200,6 +200,21 @@ def test_llama_cpps_quantizer_makes_the_4_bit_file_packaging_ships(llama_cpp, gp
 # --------------------------------------------------------------------------- end to end: the files in llama.cpp
 
 
+@pytest.fixture
+def plain_cpu_buffers(llama_cpp, monkeypatch):
+    """llama.cpp's model parameters with use_extra_bufts off (no weight repacking, no AMX buffers):
+    on the machine these tests were written on (a CPU with AMX, in a sandbox) llama-cpp-python 0.3.36
+    dies with SIGSEGV evaluating Q8_0 and Q4_K files through those buffers; f32 and f16 are unaffected."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        chosen = defaults()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", params)
+
+
 def in_llama_cpp(pair, path, llama_cpp, text):
     """The GGUF file `path` in llama.cpp: (held-out perplexity on `pair`'s windows, 20 greedy tokens)."""
     pair.llm = llama_cpp.Llama(model_path=str(path), n_ctx=pair.n_ctx, n_batch=pair.n_ctx, logits_all=True,
@@ -231,5 +246,5 @@ def check_shipped_files_in_llama_cpp(model_dir, corpus_dir, tmp_path, llama_cpp)
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("trained", ["trained_gpt2", "plain_simone"])  # MVLM-GPT2; a governance-off SIM-ONE
-def test_shipped_files_in_llama_cpp(llama_cpp, trained, small_corpus, tmp_path, request):
+def test_shipped_files_in_llama_cpp(llama_cpp, plain_cpu_buffers, trained, small_corpus, tmp_path, request):
     check_shipped_files_in_llama_cpp(request.getfixturevalue(trained), small_corpus, tmp_path, llama_cpp)

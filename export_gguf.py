@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Export a trained model folder as one GGUF file that llama.cpp runs.
 
-    python3 export_gguf.py --model_dir models/mvlm_gpt2 --output mvlm_gpt2.gguf [--dtype f32|f16|q8_0]
+    python3 export_gguf.py --model_dir models/mvlm_gpt2 --output mvlm_gpt2.gguf [--dtype f32|f16|q8_0|q4_k_m]
 
 Which folders GGUF can express is the model registry's business (model_registry.py: MVLM-GPT2 as
 llama.cpp's "gpt2", SIM-ONE with every governance mechanism off and the Llama folders of
@@ -12,11 +12,12 @@ BPE with the "gpt-2" pre-tokenizer, so llama.cpp tokenizes as transformers does.
 --dtype: f32 keeps every weight in float32; f16 stores 2-D weights in float16; q8_0 stores 2-D
 weights whose rows are a whole number of 32-value blocks in Q8_0 and the rest in float16.
 Norms, biases and GPT-2's position table always stay float32, as llama.cpp's converter does.
+q4_k_m is llama.cpp's own quantizer run on the f32 file (needs llama-cpp-python).
 
 The file is written beside the output under a temporary name and renamed at the end, so a
 failed export leaves nothing behind (a killed export's temporary file is removed by the next
 one). The pipeline's packaging stage (python -m release.package --formats gguf) writes
-`<name>.gguf` beside each archive the same way, with a note in DOWNLOAD.md for a model GGUF cannot
+`<name>-f16.gguf`, `-q8_0.gguf` and `-q4_k_m.gguf` beside each archive the same way, with a note in DOWNLOAD.md for a model GGUF cannot
 express. The conversion itself is release/gguf_conversion.py.
 
 A model with a NaN or infinite weight is refused. Errors: one line on stderr, exit status 2

@@ -10,9 +10,12 @@ equivalent and is refused (CannotExpress); SIM-ONE configs are read with this re
 simone_transformer. The tokenizer (byte-level BPE, GPT-2 pre-tokenization) goes in as llama.cpp's
 "gpt2" BPE with the "gpt-2" pre-tokenizer, so llama.cpp tokenizes as transformers does.
 
-dtype: f32 keeps every weight in float32; f16 stores 2-D weights in float16; q8_0 stores 2-D
-weights whose rows are a whole number of 32-value blocks in Q8_0 and the rest in float16.
-Norms, biases and GPT-2's position table always stay float32, as llama.cpp's converter does.
+dtype: f32 keeps every weight in float32; f16 stores 2-D weights in float16 (a tensor float16 cannot
+hold, some |w| > 65504, stays float32); q8_0 stores 2-D weights whose rows are a whole number of
+32-value blocks in Q8_0 and the rest in float16. Norms, biases and GPT-2's position table always stay
+float32, as llama.cpp's converter does. q4_k_m is llama.cpp's own quantizer (through llama-cpp-python,
+an optional extra) run on the f32 file, with llama.cpp's rules for that type (rows that are no
+whole number of 256-value blocks fall back to another type, as llama.cpp's quantize tool does).
 
 The file is written beside the output under a temporary name and renamed at the end, so a failed
 export leaves nothing behind (a killed export's temporary file is removed by the next one). A model
@@ -32,7 +35,10 @@ from model_registry import folder_kind, folder_kinds, resolve
 from mvlm_engine.errors import UserError
 from mvlm_engine.fileio import ensure_free_space, remove_dead_staging, staging_path, storage_errors
 
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_k_m")
+# Made by llama.cpp's quantizer from the f32 file (llama-cpp-python's llama_model_quantize): its ftype.
+LLAMA_CPP_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+F16_MAX = 65504.0
 GPT2_PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 regex split + byte-level mapping
 # transformers' GPT-2 Conv1D layers store weights as (in, out); GGUF wants (out, in) like nn.Linear.
 GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -326,7 +332,7 @@ def storage_type(name: str, tensor: np.ndarray, dtype: str):
     # llama.cpp reads 1-D tensors, norms, biases and position tables in float32 only.
     if tensor.ndim < 2 or not name.endswith(".weight") or "_norm." in name or name.startswith("position_embd"):
         return Q.F32
-    if dtype == "f32":
+    if dtype == "f32" or (dtype == "f16" and np.abs(tensor).max() > F16_MAX):
         return Q.F32
     block = GGML_QUANT_SIZES[Q.Q8_0][0]
     if dtype == "q8_0" and tensor.shape[-1] % block == 0:
@@ -507,13 +513,16 @@ def check_output(output: Path) -> None:
 
 
 def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
-    """Export `model_dir` to `output`; returns a one-line summary. Raises UserError (the input)
-    or StorageError (a full disk or an unwritable folder, checked before the write too)."""
+    """Export `model_dir` to `output`; returns a one-line summary. Raises UserError (the input),
+    CannotExpress (this model or this dtype has no GGUF form here) or StorageError (a full disk or
+    an unwritable folder, checked before the write too)."""
     check_output(output)
     config = read_config(model_dir)
     architecture = architecture_of(config)
     hp = architecture.hparams(config)
     tokenizer = tokenizer_metadata(read_tokenizer_json(model_dir), config, hp.vocab_size)
+    if dtype in LLAMA_CPP_QUANTS:
+        quantizer()  # before the slow work: this dtype needs llama-cpp-python
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -528,9 +537,56 @@ def export(model_dir: Path, output: Path, dtype: str = "f32") -> str:
         add_tokenizer(writer, tokenizer)
 
     remove_dead_staging(output.parent)
-    needed = sum(t.nbytes for t in tensors.values()) // (1 if dtype == "f32" else 2) + (1 << 20)
+    f32_bytes = sum(t.nbytes for t in tensors.values())
+    # f32 is the whole tensor size, f16/q8_0 at most half; q4_k_m writes the f32 file first.
+    needed = {"f32": f32_bytes, "q4_k_m": f32_bytes + f32_bytes // 4}.get(dtype, f32_bytes // 2) + (1 << 20)
     ensure_free_space(output.parent, needed, f"the GGUF file {output.name}")
     with storage_errors(output, "writing", needed):
-        write_gguf(output, architecture.gguf_arch, model_dir.name, fill, tensors, dtype)
+        if dtype in LLAMA_CPP_QUANTS:
+            source = staging_path(output.with_name(output.name + ".f32"))
+            try:
+                write_gguf(source, architecture.gguf_arch, model_dir.name, fill, tensors, "f32")
+                quantize(source, output, dtype)
+            finally:
+                source.unlink(missing_ok=True)
+        else:
+            write_gguf(output, architecture.gguf_arch, model_dir.name, fill, tensors, dtype)
     return (f"wrote {output} ({architecture.gguf_arch}, {dtype}, {len(tensors)} tensors, "
             f"{output.stat().st_size:,} bytes)")
+
+
+# --------------------------------------------------------------------------- llama.cpp's quantizer
+
+
+def quantizer():
+    """llama-cpp-python's module, whose llama_model_quantize is llama.cpp's own quantizer."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CannotExpress("4-bit GGUF files are made by llama.cpp's own quantizer, which needs "
+                            "llama-cpp-python (pip install llama-cpp-python); not installed here") from None
+    return llama_cpp
+
+
+def quantize(source: Path, output: Path, dtype: str) -> None:
+    """llama.cpp's quantizer: the GGUF file `source` -> `output` as `dtype` (LLAMA_CPP_QUANTS),
+    through a staging file renamed into place."""
+    import ctypes
+    import logging
+
+    llama_cpp = quantizer()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_QUANTS[dtype])
+    params.nthread = min(os.cpu_count() or 1, 8)
+    tmp = staging_path(output)
+    chatter = logging.getLogger("llama-cpp-python")  # llama.cpp's log: a line per tensor unless raised
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if status != 0 or not tmp.is_file():
+            raise UserError(f"llama.cpp's quantizer could not make {dtype} from {source.name} (status {status})")
+        os.replace(tmp, output)
+    finally:
+        chatter.setLevel(level)
+        tmp.unlink(missing_ok=True)

@@ -2,12 +2,12 @@
 the archive of every model it can express, then SHA256SUMS over every download and DOWNLOAD.md.
 
     python3 -m release.package [--models_dir models] [--download_dir models_for_download]
-                               [--names NAME ...] [--formats gguf]
+                               [--names NAME ...] [--formats gguf | gguf_f16 gguf_q8_0 gguf_q4_k_m]
 
 The archives and checksums are the engine's (mvlm_engine.packaging); what a download says to users
 is release/download.py's. A single-file format (`DownloadFormat`, listed in FORMATS) writes
 `<name><suffix>` or says in one line why this model has none; which models a format can express is
-the model registry's (model_registry.py).
+the model registry's (model_registry.py). `--formats gguf` is every GGUF file of FORMATS.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class DownloadFormat(Protocol):
     """A single-file format for clients other than transformers, written beside the archives."""
 
     suffix: str  # the file is `<model folder name><suffix>`
+    family: str  # formats of one family share DOWNLOAD.md's usage text (the first written file's)
+    label: str  # what DOWNLOAD.md says of the file's contents, e.g. "float16 weights"
 
     def write(self, model_dir: Path, output: Path) -> str | None:
         """Write `output` atomically (staging file then rename, free space checked first): None; or,
@@ -44,10 +46,12 @@ class DownloadFormat(Protocol):
 
 
 class GGUFDownload:
-    """`<name>.gguf` for llama.cpp and Ollama (release/gguf_conversion.py), in the archives' precision."""
+    """`<name>-<dtype>.gguf` for llama.cpp and Ollama (release/gguf_conversion.py, export_gguf.py's --dtype)."""
 
-    suffix = ".gguf"
-    dtype = "f32"  # the archives' precision; export_gguf.py --dtype f16|q8_0 makes smaller files
+    family = "gguf"
+
+    def __init__(self, dtype: str, label: str):
+        self.dtype, self.label, self.suffix = dtype, label, f"-{dtype}.gguf"
 
     def write(self, model_dir: Path, output: Path) -> str | None:
         """None when written, else the one-line reason this model has no GGUF form (nothing written).
@@ -64,7 +68,16 @@ class GGUFDownload:
         return gguf_usage(output, generation)
 
 
-FORMATS: dict[str, DownloadFormat] = {"gguf": GGUFDownload()}
+# What the pipeline ships: float16 (llama.cpp's usual unquantized file), 8-bit, and 4-bit where
+# llama-cpp-python (llama.cpp's own quantizer) is installed. No float32 file: twice the float16 size
+# for no difference llama.cpp users see (the tests measure it); the archive keeps the exact float32
+# weights, and export_gguf.py --dtype f32 makes that file from them.
+FORMATS: dict[str, DownloadFormat] = {
+    "gguf_f16": GGUFDownload("f16", "float16 weights"),
+    "gguf_q8_0": GGUFDownload("q8_0", "8-bit weights (Q8_0)"),
+    "gguf_q4_k_m": GGUFDownload("q4_k_m", "4-bit weights (Q4_K_M, made by llama.cpp's quantizer)"),
+}
+FORMAT_GROUPS = {"gguf": [name for name in FORMATS if name.startswith("gguf_")]}
 
 
 def package_format(single: DownloadFormat, model_dir: Path, download_dir: Path) -> dict:
@@ -76,11 +89,11 @@ def package_format(single: DownloadFormat, model_dir: Path, download_dir: Path) 
         with storage_errors(output, "removing"):
             output.unlink(missing_ok=True)
         log.info(f"no {output.name}: {reason}")
-        return {"suffix": single.suffix, "file": None, "reason": reason}
+        return {"suffix": single.suffix, "file": None, "reason": reason, "family": single.family}
     generation = read_json_object(model_dir / "generation_config.json")
     defaults = {key: generation.get(key, value) for key, value in GENERATION_DEFAULTS.items()}
-    return {"suffix": single.suffix, "file": output.name, "bytes": output.stat().st_size,
-            "usage": single.usage(output, defaults)}
+    return {"suffix": single.suffix, "file": output.name, "bytes": output.stat().st_size, "family": single.family,
+            "label": single.label, "usage": single.usage(output, defaults)}
 
 
 def package_all(models_dir: Path, download_dir: Path, names: list[str] | None = None,
@@ -134,12 +147,13 @@ def main(argv=None) -> None:
     parser.add_argument("--download_dir", type=Path, default=Path("models_for_download"))
     parser.add_argument("--names", nargs="*", help="model folders (default: every folder of --models_dir that holds "
                                                    "a finished model)")
-    parser.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
+    parser.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS) + sorted(FORMAT_GROUPS),
                         help="single-file formats written beside each archive of a model they can express "
-                             "(train_all_models.py passes all of them); default: none")
+                             "(train_all_models.py passes all of them; gguf: every GGUF file); default: none")
     args = parser.parse_args(argv)
     names = check_folders(args.models_dir, args.names, args.download_dir)
-    for path in package_all(args.models_dir, args.download_dir, names, [FORMATS[f] for f in args.formats]):
+    chosen = dict.fromkeys(key for f in args.formats for key in FORMAT_GROUPS.get(f, [f]))
+    for path in package_all(args.models_dir, args.download_dir, names, [FORMATS[key] for key in chosen]):
         log.info(f"packaged {path} ({path.stat().st_size:,} bytes)")
     log.info(f"wrote {args.download_dir / SUMS_NAME} and {args.download_dir / 'DOWNLOAD.md'}")
 

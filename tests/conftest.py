@@ -110,6 +110,22 @@ def trained_simone(small_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp through llama-cpp-python (an optional extra: pip install llama-cpp-python); listed
+    first by the tests that need it, so a missing binding skips before any training."""
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="session")
+def plain_simone(small_corpus, tmp_path_factory):
+    """A tiny trained SIM-ONE with governance off (a Llama model: the default head is untied, zero-init)."""
+    out = tmp_path_factory.mktemp("plain_simone") / "run"
+    run_ok(*tiny_args(SIMONE_TRAINER, small_corpus, out, "--batch_size", 8, "--max_steps", 150,
+                      "--eval_interval", 150, "--no_policy_gate", "--memory_tokens", 0, seed=3), timeout=1800)
+    return out
+
+
 def mount_tmpfs(folder: Path, options: str) -> bool:
     """Mount a tmpfs on `folder` (root only); False where that is not possible."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:

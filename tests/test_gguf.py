@@ -16,6 +16,7 @@ minutes on CPU) and is deliberately not in requirements.txt:
 They export a tiny trained MVLM-GPT2 and a tiny trained governance-off SIM-ONE and check that
 llama.cpp reproduces transformers: the same 20 greedy tokens, the same held-out perplexity
 within 0.1%, the same token ids for awkward text. Without llama_cpp those are skipped.
+What packaging ships (f16, q8_0 and 4-bit files) and their checks in llama.cpp: test_gguf_quantized.py.
 """
 import importlib.util
 import json
@@ -27,8 +28,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import (REPO, SIMONE_TRAINER, TEST_VOCAB, assert_one_line_error, run_ok, run_script,
-                      tiny_args)
+from conftest import REPO, TEST_VOCAB, assert_one_line_error, run_ok, run_script
 
 gguf = pytest.importorskip("gguf")
 
@@ -410,102 +410,6 @@ def test_a_dead_exports_temporary_file_is_removed_and_a_live_ones_kept(gpt2_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.gguf", left[1].name])
 
 
-# --------------------------------------------------------------------------- packaging: <name>.gguf beside the archives
-
-
-@pytest.fixture(scope="module")
-def packaged(gpt2_dir, tokenizer_file, tmp_path_factory):
-    """release.package's command line (in-process) with --formats gguf over a GPT-2 folder and a
-    governed SIM-ONE; the download folder held a .gguf of an earlier model of the SIM-ONE's name."""
-    from mvlm_engine.packaging import write_model_manifest
-    from release.package import main as package_main
-    root = tmp_path_factory.mktemp("packaged")
-    models, downloads = root / "models", root / "downloads"
-    shutil.copytree(gpt2_dir, models / "mvlm_gpt2")
-    save_simone(tokenizer_file, models / "simone_enhanced", policy_gate=True, memory_tokens=2)
-    for name in ("mvlm_gpt2", "simone_enhanced"):
-        write_model_manifest(models / name)
-    downloads.mkdir()
-    (downloads / "simone_enhanced.gguf").write_bytes(b"an earlier, expressible model's file")
-    package_main(["--models_dir", str(models), "--download_dir", str(downloads), "--formats", "gguf"])
-    return models, downloads
-
-
-def sums_of(downloads):
-    return {name: digest for digest, _, name in
-            (line.partition("  ") for line in (downloads / "SHA256SUMS").read_text().splitlines())}
-
-
-def test_packaging_writes_a_gguf_beside_the_archive_listed_in_sha256sums(packaged):
-    from mvlm_engine.fileio import sha256_file
-    from release import GENERATION_DEFAULTS
-    _, downloads = packaged
-    reader, tensors = read_gguf(downloads / "mvlm_gpt2.gguf")
-    assert field(reader, "general.architecture") == "gpt2" and len(tensors) == 28
-    assert field(reader, "general.file_type") == 0  # ALL_F32, the archives' precision
-    assert sums_of(downloads) == {name: sha256_file(downloads / name) for name in
-                                  ("mvlm_gpt2.tar.gz", "mvlm_gpt2.gguf", "simone_enhanced.tar.gz")}
-    assert sorted(p.name for p in downloads.iterdir()) == ["DOWNLOAD.md", "SHA256SUMS", "mvlm_gpt2.gguf",
-                                                          "mvlm_gpt2.tar.gz", "simone_enhanced.tar.gz"]
-    text = (downloads / "DOWNLOAD.md").read_text()
-    # The folder's context is 64 tokens: the continuation is capped to half of it.
-    assert 'llama-cli -m mvlm_gpt2.gguf -p "[KJV] John 3:16" -c 64 --temp 0.8 --top-p 0.9 --top-k 0 ' \
-           "--repeat-penalty 1.1 -n 32" in text
-    modelfile = text.split("FROM ./mvlm_gpt2.gguf\n")[1].split("```")[0]
-    assert modelfile.splitlines() == ['TEMPLATE "{{ .Prompt }}"', "PARAMETER num_ctx 64", "PARAMETER temperature 0.8",
-                                      "PARAMETER top_p 0.9", "PARAMETER top_k 0", "PARAMETER repeat_penalty 1.1",
-                                      "PARAMETER num_predict 32"]
-    assert "The context is 64 tokens" in text and "Ollama were not run" in text
-    assert {k: GENERATION_DEFAULTS[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty",
-                                                "max_new_tokens")} == dict(temperature=0.8, top_p=0.9, top_k=0,
-                                                                           repetition_penalty=1.1, max_new_tokens=128)
-
-
-def test_a_governed_simone_gets_no_gguf_but_a_note(packaged):
-    _, downloads = packaged
-    assert not (downloads / "simone_enhanced.gguf").exists()  # the earlier model's file went too
-    section = (downloads / "DOWNLOAD.md").read_text().split("## simone_enhanced")[1]
-    notes = [line for line in section.splitlines() if line.startswith("- no `.gguf` file:")]
-    assert len(notes) == 1 and "governance" in notes[0] and "policy_gate" in notes[0] and "memory_tokens=2" in notes[0]
-    assert "llama-cli" not in section and "FROM ./" not in section
-
-
-def test_a_corrupted_gguf_fails_the_archives_check_in_one_line(packaged, tmp_path):
-    models, downloads = packaged
-    copy = tmp_path / "downloads"
-    shutil.copytree(downloads, copy)
-    data = bytearray((copy / "mvlm_gpt2.gguf").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (copy / "mvlm_gpt2.gguf").write_bytes(bytes(data))
-    shutil.copytree(models, tmp_path / "models")
-    proc = run_script(REPO / "validate_models.py", "--archives_only", "--models_dir", tmp_path / "models",
-                      "--download_dir", copy, "--names", "mvlm_gpt2", "simone_enhanced")
-    assert proc.returncode == 1
-    failed = [line for line in proc.stderr.splitlines() if "FAILED" in line]
-    assert failed == [f"validate_models.py: FAILED archives (archives): {copy / 'mvlm_gpt2.gguf'}: sha256 differs "
-                      "from SHA256SUMS"], proc.stderr
-
-
-def test_a_broken_folder_is_an_error_not_a_note(gpt2_dir, tmp_path):
-    from mvlm_engine.errors import UserError
-    from release.package import FORMATS
-    broken = shutil.copytree(gpt2_dir, tmp_path / "broken")
-    (broken / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(UserError, match="is not a readable safetensors file"):
-        FORMATS["gguf"].write(broken, tmp_path / "broken.gguf")
-    assert list(tmp_path.iterdir()) == [broken]
-
-
-def test_an_unknown_format_is_one_line(packaged, tmp_path, capsys):
-    from release.package import main as package_main
-    models, _ = packaged
-    with pytest.raises(SystemExit) as stop:
-        package_main(["--models_dir", str(models), "--download_dir", str(tmp_path / "d"), "--formats", "no_such_format"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 2 and len(lines) == 1 and "--formats: invalid choice: 'no_such_format'" in lines[0]
-    assert not (tmp_path / "d").exists()
-
-
 # --------------------------------------------------------------------------- end to end: llama.cpp vs transformers
 
 PROMPT = "In the beginning God created"
@@ -518,23 +422,6 @@ TRICKY_TEXTS = [
     "numbers 1234567 3.14159 1,000,000 and 'tis I'M they've we'LL",
     "\n\n",
 ]
-TRAIN_TIMEOUT = 1800  # about a minute on an idle CPU; far longer on a shared one
-
-
-@pytest.fixture(scope="session")
-def llama_cpp():
-    """Session-scoped and listed first, so a missing binding skips before any training."""
-    return pytest.importorskip("llama_cpp")
-
-
-@pytest.fixture(scope="session")
-def plain_simone(small_corpus, tmp_path_factory):
-    """A tiny trained SIM-ONE with governance off (a Llama model: the default head is untied, zero-init)."""
-    out = tmp_path_factory.mktemp("plain_simone") / "run"
-    run_ok(*tiny_args(SIMONE_TRAINER, small_corpus, out, "--batch_size", 8, "--max_steps", 150,
-                      "--eval_interval", 150, "--no_policy_gate", "--memory_tokens", 0, seed=3), timeout=TRAIN_TIMEOUT)
-    return out
-
 
 @pytest.mark.e2e
 def test_command_line_exports_gpt2_and_refuses_governed_simone(trained_gpt2, trained_simone, tmp_path):

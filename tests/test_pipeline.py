@@ -51,12 +51,15 @@ def test_pipeline_leaves_models_archives_summary_and_a_passing_report(pipeline_r
         assert (root / "logs" / ("gpt2.log" if name == "mvlm_gpt2" else "simone.log")).is_file()
     assert (root / "downloads" / "SHA256SUMS").read_text().count(".tar.gz") == 2
     assert "sha256sum -c SHA256SUMS" in (root / "downloads" / "DOWNLOAD.md").read_text()
-    # MVLM-GPT2 gets a GGUF file beside its archive; the pipeline's SIM-ONE (policy gate, memory tokens) a note.
-    assert (root / "downloads" / "SHA256SUMS").read_text().count(".gguf") == 1
-    assert (root / "downloads" / "mvlm_gpt2.gguf").is_file() and not (root / "downloads" / "simone_enhanced.gguf").exists()
+    # MVLM-GPT2 gets its GGUF files beside its archive (4-bit where llama-cpp-python is installed); the
+    # pipeline's SIM-ONE (policy gate, memory tokens) a note.
+    ggufs = sorted(p.name for p in (root / "downloads").glob("*.gguf"))
+    assert ggufs[:2] == ["mvlm_gpt2-f16.gguf", "mvlm_gpt2-q8_0.gguf"] and len(ggufs) <= 3
+    assert (root / "downloads" / "SHA256SUMS").read_text().count(".gguf") == len(ggufs)
     download = (root / "downloads" / "DOWNLOAD.md").read_text()
-    assert "llama-cli -m mvlm_gpt2.gguf" in download and "FROM ./mvlm_gpt2.gguf" in download
-    assert "- no `.gguf` file: cannot export to GGUF: SIM-ONE has governance" in download
+    assert "llama-cli -m mvlm_gpt2-f16.gguf" in download and "FROM ./mvlm_gpt2-f16.gguf" in download
+    assert "- no `-f16.gguf`, `-q8_0.gguf`, `-q4_k_m.gguf` files: cannot export to GGUF: SIM-ONE has governance" \
+        in download
     report = json.loads((root / "models" / "validation_report.json").read_text())
     assert report["passed"] and set(report["models"]) == {"mvlm_gpt2", "simone_enhanced", "archives"}
     for name in ("mvlm_gpt2", "simone_enhanced"):

@@ -157,8 +157,9 @@ def test_validation_and_packaging_take_a_registered_model(trained_toy):
     validate_models.check_generation(report, trained_toy, model)
     assert report.passed and [c["check"] for c in report.checks] == ["loading", "padded batch", "generation"]
     downloads = trained_toy.parent.parent / "downloads"
-    package_all(trained_toy.parent, downloads, ["toy_mistral"], [FORMATS["gguf"]])
-    assert "- no `.gguf` file: Toy Mistral folders have no GGUF form" in (downloads / "DOWNLOAD.md").read_text()
+    package_all(trained_toy.parent, downloads, ["toy_mistral"], [FORMATS["gguf_f16"], FORMATS["gguf_q8_0"]])
+    assert "- no `-f16.gguf`, `-q8_0.gguf` files: Toy Mistral folders have no GGUF form" in \
+        (downloads / "DOWNLOAD.md").read_text()
 
 
 def test_the_benchmarks_measure_a_registered_model(registered):

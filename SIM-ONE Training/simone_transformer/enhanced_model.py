@@ -248,6 +248,11 @@ class SimOneModel(nn.Module):
         if self.lm_head is not None:
             self.lm_head.is_output_head = True  # zero_init_head; the engine's optimizer groups read it too
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        # transformers' gradient checkpointing, switched on through the HF wrapper's
+        # gradient_checkpointing_enable(), which also sets the function: in training without a
+        # cache each block's activations are recomputed in the backward pass instead of kept.
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
         self.apply(self.init_module)
 
     @torch.no_grad()
@@ -407,12 +412,16 @@ class SimOneModel(nn.Module):
         x0, first_values, skips = x, None, []
         L = len(self.layers)
         n_skip = L // 2 if self.skip_weights is not None else 0
+        # Never with a cache: the recomputation would append this call's keys and values twice.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
             if i >= L - n_skip:  # second half: the mirror layer's output comes back (U-net)
                 x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
             extra = self._value_extra(i, input_ids, first_values, prepend)
             record = records[i] if records is not None else None
-            x, values = layer(x, cos, sin, cache, start, mask, self.config.memory_tokens, record, extra, x0)
+            args = (x, cos, sin, cache, start, mask, self.config.memory_tokens, record, extra, x0)
+            # Positional tensors, as reentrant checkpointing needs for the gradients to reach them.
+            x, values = self._gradient_checkpointing_func(layer.__call__, *args) if recompute else layer(*args)
             first_values = values if i == 0 else first_values
             if i < n_skip:
                 skips.append(x)

@@ -27,11 +27,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 
 try:  # the transformers 5 name; 4.x has only PretrainedConfig
     from transformers import PreTrainedConfig
@@ -50,6 +50,7 @@ CODE_FILES = ("hf_model.py", "enhanced_model.py", "rope_attention.py", "modern_l
 # The output field GenerationMixin reads the cache back from: "cache" in transformers 5,
 # "past_key_values" in 4.x.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -100,6 +101,9 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
+    # gradient_checkpointing_enable() (and Trainer's gradient_checkpointing=True) finds the native
+    # model's `gradient_checkpointing` flag and gives it the checkpoint function (SimOneModel._run_layers).
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: SimOneHFConfig):
         super().__init__(config)
@@ -124,16 +128,51 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        """The untied LM head; None when tied (the logits then read embed_tokens.weight itself)."""
+        return self.model.lm_head
+
+    def set_output_embeddings(self, value):
+        value.is_output_head = True
+        self.model.lm_head = value
+
+    def tie_weights(self, *args, **kwargs):
+        """Nothing to tie: a tied SIM-ONE has no lm_head at all and an untied one keeps its own
+        (transformers 4 would otherwise tie get_output_embeddings() to the input embedding, since
+        its configs default to tie_word_embeddings=True)."""
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """transformers' resize (the input embedding, and the head when untied), plus what only
+        SIM-ONE has: the value-embedding tables and the native config's vocab_size."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        vocab = embeddings.weight.shape[0]
+        head = self.model.lm_head
+        if head is not None and head.out_features != vocab:  # transformers 4 skips it (tie_word_embeddings)
+            self.set_output_embeddings(self._get_resized_lm_head(head, vocab))
+        if self.model.value_embeds is not None:
+            for i, table in enumerate(self.model.value_embeds):
+                self.model.value_embeds[i] = self._get_resized_embeddings(table, vocab)
+        self.model.config.vocab_size = vocab
+        return embeddings
+
     def forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
                 past_key_values=None, labels=None, use_cache=None, output_hidden_states=False, trace=False,
                 **kwargs) -> SimOneCausalLMOutput:
         """Logits (B, T, V), as transformers' causal LMs. attention_mask / position_ids / cache:
         as SimOneModel.forward (`past_key_values` is transformers 4's name for the cache; with
-        use_cache=True and no cache, a DynamicCache is started). labels (B, T): also the shifted
-        next-token loss (-100 ignored). output_hidden_states: a 1-tuple holding the final normed
+        use_cache=True and no cache, a DynamicCache is started; not while training with gradient
+        checkpointing). labels (B, T): also the next-token loss, shifted inside (-100 ignored), by
+        transformers' loss_function, which takes Trainer's num_items_in_batch (the mean over a whole
+        gradient-accumulation window). output_hidden_states: a 1-tuple holding the final normed
         hidden states (B, T, D), the LM head's input. trace: the governance trace as `.trace`.
         Other HF bookkeeping kwargs (return_dict, cache_position, ...) are accepted and ignored."""
         cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None and self.model.gradient_checkpointing and self.training:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using no cache")
+            use_cache = False
         if cache is None and use_cache:
             cache = DynamicCache()
         recording = self._trace_steps is not None
@@ -145,9 +184,7 @@ class SimOneForCausalLM(PreTrainedModel, GenerationMixin):
             self._trace_steps.append(step)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+            loss = self.loss_function(logits=out.logits, labels=labels, vocab_size=out.logits.shape[-1], **kwargs)
         hidden = (out.hidden_states,) if output_hidden_states else None
         return SimOneCausalLMOutput(loss=loss, logits=out.logits, hidden_states=hidden,
                                     trace=out.trace if trace else None, **{CACHE_FIELD: cache})

@@ -50,7 +50,7 @@ PIPELINE_FLAGS = {"--preset", "--data_dir", "--output_dir", "--device", "--resum
 # The same for the corpus build and for validation.
 CORPUS_FLAGS = {"--output_dir", "--help", "-h"}
 VALIDATE_FLAGS = {"--models_dir", "--data_dir", "--download_dir", "--names", "--no_archives", "--archives_only",
-                  "--help", "-h"}
+                  "--print_config", "--help", "-h"}
 PIPELINE_LOCK = ".pipeline.lock"
 
 

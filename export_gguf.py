@@ -20,7 +20,9 @@ one). The pipeline's packaging stage (python -m release.package --formats gguf) 
 `<name>-f16.gguf`, `-q8_0.gguf` and `-q4_k_m.gguf` beside each archive the same way, with a note in DOWNLOAD.md for a model GGUF cannot
 express. The conversion itself is release/gguf_conversion.py.
 
-A model with a NaN or infinite weight is refused. Errors: one line on stderr, exit status 2
+The folder is checked first as one from elsewhere would be (release/trust.py: modelling code other
+than this repository's, a foreign auto_map, a symlink out of the folder, sizes past the limits are
+refused unless --trust_folder_code is given). A model with a NaN or infinite weight is refused. Errors: one line on stderr, exit status 2
 (1 for a full disk or an unwritable folder, 130/143 for SIGINT/SIGTERM).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from mvlm_engine.cli import OneLineParser, run_cli
 from release.gguf_conversion import DTYPES, export
+from release.trust import TRUST_FLAG, TRUST_HELP, vet_folder
 
 PROG = "export_gguf.py"
 
@@ -41,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="trained model folder (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--output", required=True, type=Path, help="GGUF file to write")
     parser.add_argument("--dtype", choices=DTYPES, default="f32", help="storage type of the 2-D weights")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
+    vet_folder(args.model_dir.expanduser(), "--model_dir", args.trust_folder_code)
     print(f"{PROG}: {export(args.model_dir.expanduser(), args.output.expanduser(), args.dtype)}")
 
 

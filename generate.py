@@ -13,6 +13,10 @@ come from the folder's generation_config.json, and --temperature 0 is greedy dec
 prompt starts a fresh document. --trace (SIM-ONE) prints the governance record of each continuation as a table: for
 every generated token, the policy gate per layer (mean over heads), the attention mass on the
 memory tokens per layer (mean over heads) and the logit lens's top token per layer.
+
+A folder is checked before anything of it loads (release/trust.py): modelling code other than this
+repository's, a foreign auto_map, a symlink out of the folder or sizes past the limits are refused in
+one line, unless --trust_folder_code is given. Weights load from safetensors only.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from model_registry import FolderKind, folder_kind, folder_kinds
 from mvlm_engine.cli import parse_run_config, run_cli
 from mvlm_engine.config import setting
 from mvlm_engine.errors import UserError
+from release.trust import TRUST_HELP, vet_folder
 
 PROG = "generate.py"
 
@@ -47,6 +52,7 @@ class GenerateSettings:
     num_samples: int = setting(1, "continuations per prompt")
     trace: bool = setting(False, "SIM-ONE only: print the governance trace of each continuation as a table")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to run the model")
+    trust_folder_code: bool = setting(False, TRUST_HELP)
 
     def problems(self) -> list[str]:
         errors = [] if self.model else ["--model is required: a model folder, e.g. --model models/simone_enhanced"]
@@ -88,6 +94,7 @@ class Session:
         if s.trace and not self.kind.trace:
             traced = " or ".join(k.display_name for k in folder_kinds().values() if k.trace)
             raise UserError(f"--trace needs a {traced} model; {folder} is {self.kind.display_name}")
+        vet_folder(folder, "--model", s.trust_folder_code)  # before anything of the folder can run
         import torch  # after the checks: a bad folder is reported without waiting for torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -101,8 +108,8 @@ class Session:
         if s.device == "cuda" and device == "cpu":
             raise UserError("--device cuda: no CUDA GPU is visible")
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote,
-                                                          dtype=torch.float32).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32,
+                                                          use_safetensors=True).to(device).eval()  # never a pickle
         self.options = generation_options(s, self.model.generation_config)
         self.options["pad_token_id"] = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
 

@@ -36,6 +36,13 @@ class FolderKind:
     # table, so this table imports no conversion.
     gguf: str | None = None
     no_gguf: str = "no GGUF conversion is registered for it"  # why not, when gguf is None
+    # What release/trust.py checks a folder of this kind against before anything loads it. code_dir: the
+    # repository folder whose files a folder's modelling code must equal (trust_remote_code kinds); auto_map:
+    # the config.json auto_map a folder of this kind carries; size_limits: () -> {config.json key: upper limit},
+    # from the run configs' limit tables (imported when called).
+    code_dir: Path | None = None
+    auto_map: tuple[tuple[str, str], ...] = ()
+    size_limits: Callable[[], dict[str, float]] | None = None
 
     def context_length(self, config: dict) -> int:
         return int(config[self.context_key])
@@ -64,19 +71,24 @@ class ModelSpec:
 # --------------------------------------------------------------------------- MVLM-GPT2 (mvlm_trainer.py)
 
 
+# mvlm_trainer.py is named by strings (resolve): it is a script too, whose main checks teacher folders with
+# release/trust.py, which reads this table; a string keeps the two from importing each other.
 def gpt2_run_config() -> type:
-    from mvlm_trainer import GPT2RunConfig
-    return GPT2RunConfig
+    return resolve("mvlm_trainer:GPT2RunConfig")
 
 
 def gpt2_task(cfg, runtime) -> tuple:
-    from mvlm_trainer import build_task
-    return build_task(cfg, runtime)
+    return resolve("mvlm_trainer:build_task")(cfg, runtime)
 
 
 def gpt2_objective(cfg):
-    from mvlm_trainer import build_objective
-    return build_objective(cfg, cfg.vocab_size, 0)
+    return resolve("mvlm_trainer:build_objective")(cfg, cfg.vocab_size, 0)
+
+
+def gpt2_size_limits() -> dict[str, float]:
+    from mvlm_engine.config import TRAIN_LIMITS
+    return {**resolve("mvlm_trainer:SHAPE_LIMITS"), "vocab_size": TRAIN_LIMITS["vocab_size"],
+            "n_positions": TRAIN_LIMITS["block_size"]}
 
 
 def gpt2_attention(cfg, runtime) -> str:
@@ -100,6 +112,23 @@ def simone_task(cfg, runtime) -> tuple:
 def simone_objective(cfg):
     from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer
     return EnhancedPrioritaryTrainer(cfg, None).build_objective(cfg.vocab_size)
+
+
+def simone_size_limits() -> dict[str, float]:
+    from mvlm_engine.config import TRAIN_LIMITS
+    from prioritary_mvlm.config import MODEL_LIMITS
+    return {**MODEL_LIMITS, "vocab_size": TRAIN_LIMITS["vocab_size"], "max_seq_len": TRAIN_LIMITS["block_size"]}
+
+
+# config.json keys of the Llama export -> SIM-ONE's names for them
+LLAMA_KEYS = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+              "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_hidden_dim", "rope_theta": "rope_theta",
+              "vocab_size": "vocab_size", "max_position_embeddings": "max_seq_len"}
+
+
+def llama_size_limits() -> dict[str, float]:
+    limits = simone_size_limits()
+    return {key: limits[ours] for key, ours in LLAMA_KEYS.items()}
 
 
 def simone_attention(cfg, runtime) -> str:
@@ -128,14 +157,19 @@ def simone_pairs(cfg, generator) -> dict:
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("gpt2", "mvlm_gpt2", REPO / "mvlm_trainer.py",
-              FolderKind("gpt2", "MVLM-GPT2", context_key="n_positions", gguf="release.gguf_conversion:GPT2"),
+              FolderKind("gpt2", "MVLM-GPT2", context_key="n_positions", gguf="release.gguf_conversion:GPT2",
+                         size_limits=gpt2_size_limits),
               gpt2_run_config, gpt2_task, gpt2_objective, gpt2_attention),
     ModelSpec("simone", "simone_enhanced", REPO / "SIM-ONE Training" / "enhanced_train.py",
               # GGUF: llama.cpp's llama graph, only with every governance and recipe piece Llama lacks off.
               FolderKind("simone", "SIM-ONE", context_key="max_seq_len", trust_remote_code=True, trace=True,
-                         gguf="release.gguf_conversion:SIMONE"),
+                         gguf="release.gguf_conversion:SIMONE", code_dir=REPO / "SIM-ONE Training" / "simone_transformer",
+                         auto_map=(("AutoConfig", "hf_model.SimOneHFConfig"),
+                                   ("AutoModelForCausalLM", "hf_model.SimOneForCausalLM")),
+                         size_limits=simone_size_limits),
               simone_run_config, simone_task, simone_objective, simone_attention, simone_pairs,
-              exports=(FolderKind("llama", "Llama export of SIM-ONE", gguf="release.gguf_conversion:LLAMA"),)),
+              exports=(FolderKind("llama", "Llama export of SIM-ONE", gguf="release.gguf_conversion:LLAMA",
+                                  size_limits=llama_size_limits),)),
 )}
 
 

@@ -14,6 +14,7 @@ loss_curve.png, tensorboard/, train_config.json (the resolved settings) and chec
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from mvlm_engine.shards import prepare_token_data  # noqa: E402
 from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer  # noqa: E402
 from mvlm_engine.trainer import TrainingTask, fit  # noqa: E402
 from release import GENERATION_DEFAULTS  # noqa: E402
+from release.trust import folder_check  # noqa: E402
 
 PROG = "mvlm_trainer.py"
 log = get_logger("train")
@@ -59,6 +61,7 @@ class GPT2Shape:
 
 
 DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+SHAPE_LIMITS = {"n_layer": 1024, "n_embd": 1 << 16, "n_head": 1024}  # upper limits (also of a folder's config.json)
 
 
 @dataclass
@@ -90,7 +93,7 @@ class GPT2RunConfig(TrainConfig):
                    if not 0 <= getattr(shape, name) < 1]
         if shape.n_head > 0 and shape.n_embd % shape.n_head:
             errors.append(f"--n_embd ({shape.n_embd}) must be divisible by --n_head ({shape.n_head})")
-        return errors + upper_limit_problems(shape, {"n_layer": 1024, "n_embd": 1 << 16, "n_head": 1024})
+        return errors + upper_limit_problems(shape, SHAPE_LIMITS)
 
 
 def setup(argv=None) -> GPT2RunConfig:
@@ -206,7 +209,7 @@ def main(argv=None) -> None:
             prepare_token_data(cfg, runtime)
             return
         task, data = build_task(cfg, runtime)
-        fit(cfg, task, runtime, data)
+        fit(cfg, dataclasses.replace(task, vet_folder=folder_check("--teachers", cfg.trust_folder_code)), runtime, data)
     finally:
         stop_runtime(runtime)
 

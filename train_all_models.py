@@ -32,8 +32,9 @@ from mvlm_engine.cli import parse_run_config, run_cli
 from mvlm_engine.config import setting
 from mvlm_engine.corpus import MANIFEST_NAME
 from mvlm_engine.errors import StorageError, UserError
-from mvlm_engine.fileio import atomic_write_text, folder_problem, read_json_object, storage_errors, storage_message
-from mvlm_engine.locks import FileLock, in_use_message
+from mvlm_engine.fileio import (atomic_write_text, folder_problem, read_json_object, remove_dead_staging,
+                                storage_errors, storage_message)
+from mvlm_engine.locks import FileLock, in_use_message, note_takeover, remove_dead_locks
 from mvlm_engine.logs import get_logger
 from mvlm_engine.packaging import MODEL_MANIFEST, RUN_SUMMARY
 from release.package import FORMATS
@@ -45,6 +46,10 @@ log = get_logger("pipeline")
 
 # Trainer flags that the pipeline sets itself (or that would make a stage train nothing).
 PIPELINE_FLAGS = {"--preset", "--data_dir", "--output_dir", "--device", "--resume_from", "--overwrite",
+                  "--print_config", "--help", "-h"}
+# The same for the corpus build and for validation.
+CORPUS_FLAGS = {"--output_dir", "--help", "-h"}
+VALIDATE_FLAGS = {"--models_dir", "--data_dir", "--download_dir", "--names", "--no_archives", "--archives_only",
                   "--print_config", "--help", "-h"}
 PIPELINE_LOCK = ".pipeline.lock"
 
@@ -63,26 +68,35 @@ class PipelineSettings:
     logs_dir: str = setting("logs", "one log per stage", path=True)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train")
     trainer_args: str = setting("", 'extra flags for both trainers, e.g. "--max_steps 100"')
+    corpus_args: str = setting("", 'extra flags for prepare.py when the corpus is built, e.g. "--translations KJV,WEB"')
+    validate_args: str = setting("", 'extra flags for validate_models.py, e.g. "--eval_windows 8 --recall_verses 5"')
 
     def problems(self) -> list[str]:
-        """--trainer_args parses and leaves the pipeline's own flags alone; every folder can be written."""
+        """--trainer_args, --corpus_args and --validate_args parse and leave the pipeline's own flags
+        alone; every folder can be written."""
         errors = [] if self.only in (None, *MODELS) else [
             f"--only: invalid choice {self.only!r} (choose from {', '.join(model_names())})"]
-        try:
-            words = shlex.split(self.trainer_args)
-        except ValueError as err:
-            words = []
-            errors.append(f"--trainer_args {self.trainer_args!r} cannot be parsed ({err}); quote it as one shell word")
-        owned = sorted({w.split("=", 1)[0] for w in words if w.split("=", 1)[0] in PIPELINE_FLAGS})
-        if owned:
-            errors.append(f"--trainer_args may not set {', '.join(owned)}: the pipeline sets it (use this script's "
-                          "own flags)")
+        for name, owned_flags in (("trainer_args", PIPELINE_FLAGS), ("corpus_args", CORPUS_FLAGS),
+                                  ("validate_args", VALIDATE_FLAGS)):
+            errors += extra_flag_problems(name, getattr(self, name), owned_flags)
         for name in ("models_dir", "download_dir", "logs_dir"):
             errors.append(folder_problem(Path(getattr(self, name)), f"--{name}"))
         data = Path(self.data_dir)
         if not (data / MANIFEST_NAME).is_file() and not self.skip_training:  # the corpus stage writes it
             errors.append(folder_problem(data, "--data_dir"))
         return [e for e in errors if e]
+
+
+def extra_flag_problems(name: str, value: str, owned_flags: set[str]) -> list[str]:
+    """--<name> parses as shell words and sets none of the flags the pipeline sets itself."""
+    try:
+        words = shlex.split(value)
+    except ValueError as err:
+        return [f"--{name} {value!r} cannot be parsed ({err}); quote it as one shell word"]
+    owned = sorted({w.split("=", 1)[0] for w in words if w.split("=", 1)[0] in owned_flags})
+    if owned:
+        return [f"--{name} may not set {', '.join(owned)}: the pipeline sets it (use this script's own flags)"]
+    return []
 
 
 class StageFailed(Exception):
@@ -262,7 +276,8 @@ class Pipeline:
         if (data_dir / MANIFEST_NAME).is_file():
             return self.record("corpus", "skipped (already built)", started)
         run_stage("corpus", [sys.executable, REPO / "mvlm_training_dataset_complete" / "prepare.py",
-                             "--output_dir", data_dir], self.path("logs_dir") / "corpus.log")
+                             "--output_dir", data_dir, *shlex.split(self.settings.corpus_args)],
+                  self.path("logs_dir") / "corpus.log")
         self.record("corpus", "done", started, manifest=str(data_dir / MANIFEST_NAME))
 
     def trainer_command(self, model: str) -> list:
@@ -304,9 +319,22 @@ class Pipeline:
         run_stage(stage, [sys.executable, REPO / "validate_models.py", "--models_dir", self.path("models_dir"),
                           "--data_dir", self.path("data_dir"), "--download_dir", self.path("download_dir"),
                           "--names", *[MODELS[m].folder for m in models],
-                          "--no_archives" if stage == "validate" else "--archives_only"],
+                          "--no_archives" if stage == "validate" else "--archives_only",
+                          *shlex.split(self.settings.validate_args)],
                   self.path("logs_dir") / f"{stage}.log")
         self.record(stage, "passed", started, report=str(self.path("models_dir") / "validation_report.md"))
+
+
+def remove_leftovers(s: PipelineSettings) -> None:
+    """Staging files and lock files that killed processes left in the pipeline's folders and where
+    no stage of this run would look again (a finished model's folder, a cache built before the kill,
+    the reports); a live process's are never touched."""
+    data, models = Path(s.data_dir), Path(s.models_dir)
+    folders = [data, data / ".cache" / "tokenizers", data / ".cache" / "tokens", models, Path(s.download_dir)]
+    folders += sorted(p for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
+    removed = [path for folder in folders for path in remove_dead_staging(folder) + remove_dead_locks(folder)]
+    if removed:
+        log.info(f"removed what killed processes left: {', '.join(str(p) for p in removed)}")
 
 
 def stages(pipeline: Pipeline) -> list[tuple[str, Callable[[], None]]]:
@@ -332,6 +360,8 @@ def main(argv=None) -> None:
     holder = lock.try_acquire()
     if holder is not None:
         raise UserError(in_use_message(pipeline.path("models_dir"), holder))
+    note_takeover(lock)
+    remove_leftovers(settings)
     log.info(f"preset {preset}: {reason}")
     planned = stages(pipeline)
     log.info(f"stages: {' -> '.join(name for name, _ in planned)}")

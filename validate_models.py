@@ -25,7 +25,9 @@ the weights and no checkpoints. Writes validation_report.json,
 validation_report.md and two PNG plots to --models_dir, and a model card (README.md, its figures
 from this report) into each model folder that passed; exits 1 naming every failed check.
 --no_archives checks the models only; --archives_only then adds the archives to the same report
-(train_all_models.py packages in between, so that the archives hold the cards).
+(train_all_models.py packages in between, so that the archives hold the cards). Before anything of a
+folder loads, it is checked as one from elsewhere would be (release/trust.py); a folder that fails is
+refused in one line unless --trust_folder_code is given.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ from mvlm_engine.runtime import Runtime  # noqa: E402
 from mvlm_engine.tokenizer import token_byte_lengths  # noqa: E402
 from release import DEFAULT_CARD_LICENSE, SAMPLE_PROMPT  # noqa: E402
 from release.card import write_model_card  # noqa: E402
+from release.trust import TRUST_HELP, vet_folder  # noqa: E402
 
 PROG = "validate_models.py"
 REPO = Path(__file__).resolve().parent
@@ -90,6 +93,7 @@ class ValidationSettings:
     retrieval_pairs: int = setting(200, "held-out parallel verse pairs for retrieval@1")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to run the models")
     json: bool = setting(False, "print the JSON report to stdout")
+    trust_folder_code: bool = setting(False, TRUST_HELP)
 
     def problems(self) -> list[str]:
         errors = [f"--{name} must be > 0 (got {getattr(self, name)})"
@@ -444,6 +448,9 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     models_dir = Path(args.models_dir)
     folders = model_folders(models_dir, args.names)
+    if not args.archives_only:  # before anything of a folder can run
+        for folder in folders:
+            vet_folder(folder, "--models_dir", args.trust_folder_code)
     locks = [lock_folder(folder, "validate_models.py validation") for folder in folders]  # noqa: F841 (held)
     reports = [] if args.archives_only else validate_folders(folders, args, started)
     if not args.no_archives:

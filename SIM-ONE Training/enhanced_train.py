@@ -15,6 +15,7 @@ AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,8 +26,10 @@ apply_training_env()  # before torch initialises CUDA
 from mvlm_engine import cli  # noqa: E402
 from mvlm_engine.corpus import VERSES_NAME  # noqa: E402
 from mvlm_engine.runtime import start_runtime, stop_runtime  # noqa: E402
+from mvlm_engine.trainer import fit  # noqa: E402
 from prioritary_mvlm.config import PrioritaryConfig  # noqa: E402
 from prioritary_mvlm.enhanced_trainer import EnhancedPrioritaryTrainer  # noqa: E402
+from release.trust import folder_check  # noqa: E402
 
 PROG = "enhanced_train.py"
 
@@ -48,7 +51,11 @@ def main(argv=None) -> None:
     runtime = start_runtime(cfg.device, cfg.precision, cfg.compile)
     try:
         trainer = EnhancedPrioritaryTrainer(cfg, runtime)
-        trainer.prepare_data() if cfg.prepare_data_only else trainer.train()
+        if cfg.prepare_data_only:
+            trainer.prepare_data()
+            return
+        task, data = trainer.build_task()
+        fit(cfg, dataclasses.replace(task, vet_folder=folder_check("--teachers", cfg.trust_folder_code)), runtime, data)
     finally:
         stop_runtime(runtime)
 

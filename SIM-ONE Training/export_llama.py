@@ -10,7 +10,9 @@ release/card.py: the source's training records and, when the source has a card, 
 results and licence; the export computes what the source computes). The output is written to a temporary sibling
 directory and renamed into place, so a failed export leaves nothing half-written (a killed
 export's staging folder is removed by the next export). A model with a NaN or infinite weight
-is refused. Errors: one line, exit status 2 (1 for a full disk or an unwritable folder).
+is refused, and so is a folder that fails the checks of folders from elsewhere (release/trust.py)
+unless --trust_folder_code is given. Errors: one line, exit status 2 (1 for a full disk or an
+unwritable folder).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from mvlm_engine.cli import OneLineParser, run_cli
 from mvlm_engine.errors import UserError
 from mvlm_engine.fileio import (ensure_free_space, folder_problem, plain_file_modes, remove_dead_staging,
                                 staging_path, storage_errors)
+from release.trust import TRUST_FLAG, TRUST_HELP, vet_folder
 
 PROG = "export_llama.py"
 CARD_NOTE = ("This folder is its export as a stock LlamaForCausalLM (every governance mechanism off), which "
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", required=True, type=Path, help="directory written by save_pretrained_dir")
     parser.add_argument("--output_dir", required=True, type=Path, help="new (or empty) directory for the Llama model")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
+    vet_folder(args.model_dir.expanduser(), "--model_dir", args.trust_folder_code)
     export(args.model_dir.expanduser().resolve(), args.output_dir.expanduser().resolve())
     print(f"{PROG}: wrote LlamaForCausalLM to {args.output_dir}")
 

@@ -32,6 +32,7 @@ from model_registry import kind_of_folder
 from mvlm_engine.cli import OneLineParser, run_cli
 from mvlm_engine.errors import UserError
 from mvlm_engine.isolation import ISOLATE_FROM_REPO
+from release.trust import TRUST_FLAG, TRUST_HELP, vet_folder
 
 PROG = "check_transformers4.py"
 PROMPT = "In the beginning God created"
@@ -57,7 +58,8 @@ try:
 except Exception as err:
     result["tokenizer_error"] = failure(err)
 try:
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32,
+                                                 use_safetensors=True).eval()
     result["model"] = type(model).__name__
 except Exception as err:
     result["model_error"] = failure(err)
@@ -198,10 +200,13 @@ def main(argv=None) -> int:
     parser.add_argument("--models_dir", type=Path, required=True, help="a model folder, or a folder of them")
     parser.add_argument("--tf4_python", required=True, help="python of a venv with transformers 4.57")
     parser.add_argument("--apply_fix", action="store_true", help="check patched copies (see patch_for_transformers4)")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
     folders = model_folders(args.models_dir) if args.models_dir.is_dir() else []
     if not folders:
         raise UserError(f"no model folder (with config.json) in {args.models_dir}")
+    for folder in folders:
+        vet_folder(folder, "--models_dir", args.trust_folder_code)  # before either interpreter loads it
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for folder in folders:

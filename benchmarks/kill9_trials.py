@@ -6,6 +6,7 @@ uninterrupted run with the same settings.
     python3 benchmarks/kill9_trials.py --trials 10 --seed 0                  # MVLM-GPT2, CPU
     python3 benchmarks/kill9_trials.py --trainer simone --trials 3 --seed 0  # Enhanced SIM-ONE
     python3 benchmarks/kill9_trials.py --data_dir /path/to/corpus            # default: a small corpus built here
+    python3 benchmarks/kill9_trials.py --pipeline --trials 10 --seed 0      # the whole train_all_models.py
 
 A kill "inside a checkpoint write" is aimed by watching checkpoints/ for the staging folder
 (.tmp-NAME) of a seeded n-th write and sending SIGKILL the moment it appears; whether it landed
@@ -14,6 +15,9 @@ a seeded moment of their own progress (a seeded fraction of a logging interval a
 step), so a loaded machine cannot move the kill past the end of the run. Prints one line per
 trial and the total; exit 1 unless every trial was killed and resumed bit-identical.
 tests/test_reliability_e2e.py runs two of these trials in CI.
+
+--pipeline kills the whole pipeline instead, at every stage in turn, and reruns it
+(benchmarks/kill9_pipeline.py says how); tests/test_reliability_e2e.py runs two of those too.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+import kill9_pipeline  # noqa: E402
 from model_registry import MODELS  # noqa: E402  (the one table of models)
 
 # Small enough for a CPU: STEPS steps of 8 x 64 tokens, a checkpoint every 2 steps (evaluation
@@ -164,7 +169,14 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", type=Path, default=None)
+    parser.add_argument("--pipeline", action="store_true", help="kill the whole train_all_models.py instead")
+    parser.add_argument("--only", choices=sorted(MODELS), default=None, help="--pipeline: train only this model")
+    parser.add_argument("--aim", nargs="+", choices=kill9_pipeline.AIMS, default=kill9_pipeline.AIMS,
+                        help="--pipeline: the phases the trials aim at, in turn (default: all)")
+    parser.add_argument("--work_dir", type=Path, default=None, help="--pipeline: keep every run's folders here")
     args = parser.parse_args(argv)
+    if args.pipeline:
+        return pipeline_main(args)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or small_corpus(Path(tmp))
         results = run_trials(args.trainer, data_dir.resolve(), Path(tmp), args.trials, args.seed)
@@ -177,6 +189,17 @@ def main(argv=None) -> int:
     print(f"{args.trainer}: {identical}/{len(results)} bit-identical; {killed} of them killed by SIGKILL, "
           f"{inside} inside a checkpoint write")
     return 0 if identical == killed == len(results) else 1
+
+
+def pipeline_main(args) -> int:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir.resolve() if args.work_dir else Path(tmp)
+        results = kill9_pipeline.run_pipeline_trials(work, args.trials, args.seed, args.only, tuple(args.aim))
+    passed = kill9_pipeline.print_pipeline_results(results)
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"wall time {(time.monotonic() - started) / 60:.1f} min; load average at the end {load}")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -206,12 +206,14 @@ def distill(settings: SlowrunSettings, corpus: Path) -> dict:
     """The new recipe over --ensemble_seeds seeds; their probability-averaged ensemble; one model of
     the same size taught by that ensemble (another seed). Bits per byte of the exported weights."""
     from mvlm_engine.ensemble import ensemble_bpb
+    from release.trust import folder_check
 
     seeds = range(1, settings.ensemble_seeds + 1)
     members = run_jobs(settings, corpus, [("new", seed) for seed in seeds])
     folders = [run["output_dir"] for run in members.values()]
     singles = [run["summary"]["final_val_bpb"] for run in members.values()]
-    ensemble = ensemble_bpb(folders, corpus, plan_value("--block_size"), settings.eval_windows)
+    ensemble = ensemble_bpb(folders, corpus, plan_value("--block_size"), settings.eval_windows,
+                            folder_check("ensemble member"))
     print(f"[slowrun] ensemble of {len(folders)}: {ensemble:.4f} bits/byte; members {singles}", flush=True)
     teacher_args = ("--teachers", *folders, "--distill_weight", settings.distill_weight,
                     "--distill_temperature", settings.distill_temperature)

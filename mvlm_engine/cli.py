@@ -15,9 +15,10 @@ from .checkpoint import resolve_resume, step_checkpoints
 from .config import TrainConfig, build_config, config_dict, flatten, leaf_default, leaves, union_members
 from .distillation import teacher_folder_problems
 from .env import REPO_ROOT
-from .errors import StorageError, TrainingDiverged, TrainingInterrupted, UserError, fail
+from .errors import OutOfMemory, StorageError, TrainingDiverged, TrainingInterrupted, UserError, fail
 from .fileio import folder_problem, storage_message
 from .locks import FileLock, folder_holder, in_use_message, lock_folder
+from .memory import is_out_of_memory
 from .packaging import MODEL_MANIFEST, RUN_SUMMARY
 from .stopping import STOP
 
@@ -249,8 +250,11 @@ def error_line(err: BaseException) -> tuple[str | None, int]:
         return (str(err) or "interrupted"), getattr(err, "exit_code", 130)
     if isinstance(err, OSError):
         return f"error: {storage_message(err, Path(err.filename or '?'), 'with')}", 1
-    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
-            text in str(err) for text in ("out of memory", "can't allocate memory"))):
-        return ("error: out of memory (" + (str(err).splitlines() or ["MemoryError"])[0][:160] +
-                "); lower --batch_size, --block_size or the model size"), 1
+    if isinstance(err, OutOfMemory):
+        return f"error: {err}", 1
+    if is_out_of_memory(err):  # outside a trainer's steps (loading, exporting) or in another script
+        memory = "GPU memory" if type(err).__name__ == "OutOfMemoryError" else "memory"
+        return (f"error: out of {memory} (" + (str(err).strip().splitlines() or [type(err).__name__])[0][:160] +
+                "); use a smaller model, batch or context (a trainer: lower --batch_size and raise "
+                "--gradient_accumulation_steps to keep the tokens per step), or --device cpu"), 1
     return None, 0

@@ -136,6 +136,9 @@ class TrainConfig:
     distill_weight: float = setting(0.0, "weight of the distillation term, T^2 KL(teachers || model) (0 = off)")
     distill_temperature: float = setting(1.0, "temperature T of the teachers' and the model's distributions in the "
                                               "distillation term")
+    trust_folder_code: bool = setting(False, "load --teachers folders even where they fail the checks of folders from "
+                                             "elsewhere (release/trust.py): their Python then runs as they load",
+                                      per_invocation=True)
     resume_from: str | None = setting(None, "continue a run: 'latest', 'best_model' or a checkpoint folder",
                                       per_invocation=True)
     overwrite: bool = setting(False, "start a fresh run in an --output_dir that already holds a run",

@@ -74,7 +74,8 @@ def with_teachers(task, cfg, runtime: Runtime, data):
     (--teachers and --distill_weight > 0); the teachers are loaded and checked here."""
     if not cfg.teachers or cfg.distill_weight <= 0:
         return task
-    teachers = ModelEnsemble(cfg.teachers, runtime.device, cfg.block_size, "--teachers", tokenizer=data.tokenizer)
+    teachers = ModelEnsemble(cfg.teachers, runtime.device, cfg.block_size, "--teachers", task.vet_folder,
+                             tokenizer=data.tokenizer)
     if runtime.is_main:
         log.info(f"distilling from {len(teachers.members)} teacher(s) (weight {cfg.distill_weight}, temperature "
                  f"{cfg.distill_temperature}): {', '.join(str(f) for f in teachers.folders)}")

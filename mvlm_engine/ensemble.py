@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -83,13 +83,16 @@ class ModelEnsemble:
     when given. Held in a plain object, so they are never part of a training module."""
 
     def __init__(self, folders: Sequence[str | Path], device: torch.device, block_size: int, flag: str,
-                 tokenizer=None):
+                 vet: Callable[[Path], None] | None, tokenizer=None):
         if not folders:
             raise UserError(f"{flag}: no model folder given")
+        if vet is None:
+            raise UserError(f"{flag}: this program has no check of model folders from elsewhere, so it loads none")
         for folder in folders:
             problem = model_folder_problem(folder, flag)
             if problem:
                 raise UserError(problem)
+            vet(Path(folder))  # a folder's own modelling code runs as it loads: checked first, refused in one line
         self.folders = [Path(f) for f in folders]
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.folders[0] / "tokenizer.json")
         fingerprint, vocab = encoding_fingerprint(self.tokenizer), self.tokenizer.get_vocab_size()
@@ -128,12 +131,14 @@ def held_out_tokens(data_dir: str | Path, tokenizer) -> np.ndarray:
 
 
 def evaluate_ensemble(folders: Sequence[str | Path], data_dir: str | Path, block_size: int, eval_windows: int,
-                      batch_size: int = 8, device: str = "cpu", precision: str = "fp32") -> dict:
+                      vet: Callable[[Path], None], batch_size: int = 8, device: str = "cpu",
+                      precision: str = "fp32") -> dict:
     """{"val_loss", "val_bpb"} of the probability-averaged ensemble of `folders` on the held-out
     split of `data_dir`: the same windows, loss and bytes as the trainer's evaluation with that
-    --block_size, --eval_windows and --batch_size (mvlm_engine/evaluation.py)."""
+    --block_size, --eval_windows and --batch_size (mvlm_engine/evaluation.py). `vet` checks each
+    folder before it loads (release.trust.vet_folder)."""
     runtime = Runtime(0, 0, 1, torch.device(device), precision, False)
-    ensemble = ModelEnsemble(folders, runtime.device, block_size, "ensemble member")
+    ensemble = ModelEnsemble(folders, runtime.device, block_size, "ensemble member", vet)
     tokens = held_out_tokens(data_dir, ensemble.tokenizer)
     lengths = torch.as_tensor(token_byte_lengths(ensemble.tokenizer), device=runtime.device)
     return evaluate(torch.nn.ModuleList(ensemble.members), lambda members, x: ensemble.log_probs(x), tokens,
@@ -141,7 +146,7 @@ def evaluate_ensemble(folders: Sequence[str | Path], data_dir: str | Path, block
 
 
 def ensemble_bpb(folders: Sequence[str | Path], data_dir: str | Path, block_size: int, eval_windows: int,
-                 batch_size: int = 8, device: str = "cpu", precision: str = "fp32") -> float:
+                 vet: Callable[[Path], None], batch_size: int = 8, device: str = "cpu", precision: str = "fp32") -> float:
     """Held-out bits per byte of the probability-averaged ensemble of the model folders
     `folders` (one folder: that model's own), measured as the trainer measures it."""
-    return evaluate_ensemble(folders, data_dir, block_size, eval_windows, batch_size, device, precision)["val_bpb"]
+    return evaluate_ensemble(folders, data_dir, block_size, eval_windows, vet, batch_size, device, precision)["val_bpb"]

@@ -15,6 +15,11 @@ class StorageError(Exception):
     the path and the cause. Exit 1."""
 
 
+class OutOfMemory(Exception):
+    """A training step or evaluation ran out of memory; the message names the micro-batch, the flags
+    to lower it while keeping the tokens per step, and the last good checkpoint. Exit 1."""
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved if there was training state to save. Carries
     the exit status to use (128 + signal)."""

@@ -48,7 +48,8 @@ result = {"ids": ids[0].tolist(), "logits": logits.tolist(), "greedy_ids": greed
           "text": tokenizer.decode(greedy[0, ids.shape[1]:])}
 if batch_prompts:
     from transformers import pipeline
-    generator = pipeline("text-generation", model=folder, trust_remote_code=remote, dtype=torch.float32, device="cpu")
+    generator = pipeline("text-generation", model=folder, trust_remote_code=remote, dtype=torch.float32, device="cpu",
+                         model_kwargs={"use_safetensors": True})
     generator.tokenizer.padding_side = "left"
     options = dict(max_new_tokens=new_tokens, do_sample=False)
     result["pipeline"] = {

@@ -191,6 +191,21 @@ def wait_for_lock(path: Path, purpose: str, poll: float = 0.2) -> FileLock:
     return lock
 
 
+def remove_dead_locks(folder: Path) -> list[Path]:
+    """Remove the lock files in `folder` (its .lock, a cache's <key>.lock) that nobody holds: those a
+    kill -9 left where no later process took the same lock again (a cache built before the kill is
+    reused without its lock). Each is taken and released as any holder would, so a process that
+    takes it meanwhile is never disturbed; a held one is left alone."""
+    removed = []
+    entries = sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []
+    for path in (p for p in entries if p.name.endswith(".lock") and p.is_file() and not p.is_symlink()):
+        lock = FileLock(path, "removing a lock nobody holds")
+        if lock.try_acquire() is None and lock.fd is not None:
+            lock.release()
+            removed.append(path)
+    return removed
+
+
 def folder_holder(folder: Path) -> dict | None:
     """The record of whoever holds `folder`'s lock now, or None when nobody does (taking nothing)."""
     path = Path(folder) / LOCK_NAME

@@ -37,6 +37,7 @@ from .evaluation import EvaluationStopped, evaluate
 from .fileio import atomic_write_text, ensure_free_space, remove_dead_staging, storage_errors
 from .guard import StepGuard
 from .logs import get_logger
+from .memory import out_of_memory_advice
 from .metrics import FLOPS_CONVENTION, History, TensorBoard, mfu, peak_flops, plot_history
 from .optim import apply_schedule, build_optimizer, optimizers_of
 from .packaging import MODEL_MANIFEST, RUN_SUMMARY, write_model_manifest
@@ -62,6 +63,9 @@ class TrainingTask:
     config: TrainConfig  # the resolved run config, saved as train_config.json
     description: str = ""  # one sentence for run_summary.json, DOWNLOAD.md and the model card
     non_embedding_params: int = 0  # recorded in run_summary.json (the speedrun matches models on it)
+    # Checks a --teachers folder before anything of it loads (the trainer's entry point gives release.trust's
+    # check); None: teacher folders are refused.
+    vet_folder: Callable[[Path], None] | None = None
 
 
 def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
@@ -179,14 +183,15 @@ def fit(cfg: TrainConfig, task: TrainingTask, runtime: Runtime, data: TokenData)
         run = start_or_restore(cfg, task, runtime, data)
         loop_started = time.perf_counter()
         try:
-            if run.state["eval_pending"]:
-                finish_pending_eval(run)
-            while run.state["step"] < run.total_steps and not run.state["early_stopped"]:
-                step_started = time.perf_counter()
-                result = optimizer_step(run, stop)  # its host sync makes this the step's device time too
-                run.timings.step_took(time.perf_counter() - step_started)
-                log_window(run, result)
-                evaluate_and_checkpoint(run, result, stop)
+            with out_of_memory_advice(cfg, "a training step", runtime.world_size, run.ckpt_root):
+                if run.state["eval_pending"]:
+                    finish_pending_eval(run)
+                while run.state["step"] < run.total_steps and not run.state["early_stopped"]:
+                    step_started = time.perf_counter()
+                    result = optimizer_step(run, stop)  # its host sync makes this the step's device time too
+                    run.timings.step_took(time.perf_counter() - step_started)
+                    log_window(run, result)
+                    evaluate_and_checkpoint(run, result, stop)
         finally:  # however the loop ends, the history's background write completes first
             run.history.flush(raise_errors=False)
         run.timings.loop_seconds = time.perf_counter() - loop_started
@@ -447,7 +452,8 @@ def finish_pending_eval(run: Run) -> None:
 def run_eval(run: Run) -> dict:
     """Held-out loss and bits per byte (of the weight average, when the run keeps one); a new best
     is saved as best_model."""
-    with evaluated_weights(run.average):
+    with evaluated_weights(run.average), out_of_memory_advice(run.cfg, "the held-out evaluation",
+                                                              run.runtime.world_size, run.ckpt_root):
         result = evaluate(run.task.objective, run.task.logits, run.data.shards.tokens("val"), run.cfg.block_size,
                           run.cfg.eval_windows, run.cfg.batch_size, run.runtime,
                           torch.as_tensor(run.data.byte_lengths, device=run.runtime.device),

@@ -13,6 +13,7 @@ from mvlm_engine.averaging import AVERAGE_FILE, WeightAverage
 from mvlm_engine.config import TrainConfig
 from mvlm_engine.data import BlockSampler, LMBatches
 from mvlm_engine.ensemble import evaluate_ensemble
+from release.trust import folder_check
 from mvlm_engine.errors import UserError
 from mvlm_engine.evaluation import evaluate
 from mvlm_engine.runtime import start_runtime
@@ -220,7 +221,7 @@ def test_simone_resumes_exactly_with_an_average_and_exports_what_it_evaluated(sm
     summary = json.loads((tmp_path / "full" / "run_summary.json").read_text())
     config = json.loads((tmp_path / "full" / "train_config.json").read_text())
     alone = evaluate_ensemble([tmp_path / "full"], small_corpus, config["block_size"], config["eval_windows"],
-                              config["batch_size"])
+                              folder_check("member"), config["batch_size"])
     assert alone["val_bpb"] == pytest.approx(summary["final_val_bpb"], rel=1e-5, abs=0)
     assert alone["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5, abs=0)
 

@@ -13,6 +13,7 @@ from conftest import (GPT2_NO_DROPOUT, GPT2_TRAINER, SIMONE_TRAINER, assert_one_
                       run_script)
 from mvlm_engine.distillation import TEACHER_LOG_PROBS, distillation_loss
 from mvlm_engine.ensemble import ensemble_bpb, ensemble_log_probs, evaluate_ensemble
+from release.trust import folder_check
 
 pytestmark = pytest.mark.e2e
 TIMING_KEYS = {"tokens_per_s", "mfu"}
@@ -199,7 +200,7 @@ def test_an_ensemble_of_one_folder_scores_what_its_run_measured(small_corpus, gp
     summary = json.loads((gpt2_teacher / "run_summary.json").read_text())
     config = json.loads((gpt2_teacher / "train_config.json").read_text())
     bpb = ensemble_bpb([gpt2_teacher], small_corpus, config["block_size"], config["eval_windows"],
-                       config["batch_size"])
+                       folder_check("member"), config["batch_size"])
     assert bpb == pytest.approx(summary["final_val_bpb"], rel=1e-5, abs=0)
 
 
@@ -207,6 +208,6 @@ def test_an_ensemble_scores_no_worse_than_its_members_on_average(small_corpus, g
     """-log of a mean probability is at most the mean of the -logs (Jensen), token by token."""
     run_ok(*gpt2_args(small_corpus, tmp_path / "other", 12, "--seed", 8))
     members = [gpt2_teacher, tmp_path / "other"]
-    alone = [evaluate_ensemble([m], small_corpus, 128, 16)["val_loss"] for m in members]
-    together = evaluate_ensemble(members, small_corpus, 128, 16)["val_loss"]
+    alone = [evaluate_ensemble([m], small_corpus, 128, 16, folder_check("member"))["val_loss"] for m in members]
+    together = evaluate_ensemble(members, small_corpus, 128, 16, folder_check("member"))["val_loss"]
     assert together <= sum(alone) / 2 and together != alone[0]

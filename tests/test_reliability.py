@@ -1,5 +1,6 @@
 """The fault suite, in process: full disks, damaged caches and checkpoints, hostile manifests,
 concurrent writers, prompt stops, non-finite weights (RELIABILITY.md lists what each proves)."""
+import ast
 import json
 import os
 import pickle
@@ -227,6 +228,36 @@ def test_no_load_path_can_unpickle():
             if bad in text:
                 offenders.append(f"{path.name}: {bad}")
     assert not offenders, offenders
+
+
+def model_loads(tree) -> list:
+    """Every call that loads model weights from a folder (X.from_pretrained of a model class, a
+    text-generation pipeline), in the code and in code held in strings (a child interpreter's)."""
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "from_pretrained(" in node.value:
+            try:
+                calls += model_loads(ast.parse(node.value))
+            except SyntaxError:
+                pass  # prose (a docstring, a model card's usage text), not code
+        elif isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if (name.endswith("ForCausalLM.from_pretrained") or name == "pipeline") and node.args:
+                calls.append(node)
+    return calls
+
+
+def test_every_model_load_is_safetensors_only():
+    """A folder's weights never come from a pickled pytorch_model.bin: every model load in the
+    repository passes use_safetensors=True (a pipeline: in its model_kwargs)."""
+    offenders, seen = [], 0
+    for path in list(REPO.glob("*.py")) + list(REPO.glob("mvlm_engine/*.py")) + list(REPO.glob("SIM-ONE Training/**/*.py")) \
+            + list(REPO.glob("benchmarks/*.py")) + list(REPO.glob("release/*.py")):
+        for call in model_loads(ast.parse(path.read_text(encoding="utf-8"))):
+            seen += 1
+            if "'use_safetensors': True" not in ast.unparse(call) and "use_safetensors=True" not in ast.unparse(call):
+                offenders.append(f"{path.name}: {ast.unparse(call)[:120]}")
+    assert seen >= 6 and not offenders, offenders
 
 
 def test_optimizer_state_of_another_shape_is_refused(tmp_path):

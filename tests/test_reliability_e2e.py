@@ -1,6 +1,7 @@
 """Kill -9 and signals end to end, in subprocesses: the CI share of benchmarks/kill9_trials.py
 (two trials, one of them inside a checkpoint write) and a stop during a long evaluation, both
-resumed to bit-identical weights; two trainers on one folder; validation during training."""
+resumed to bit-identical weights; the CI share of its --pipeline trials (the whole
+train_all_models.py killed and run again); two trainers on one folder; validation during training."""
 import contextlib
 import importlib.util
 import json
@@ -38,6 +39,18 @@ def test_kill9_inside_a_checkpoint_write_and_at_a_random_moment_then_resume_is_b
     assert all(r["identical"] and r["was_killed"] for r in results), results
     assert results[0]["landed_in_write"], results  # aimed at a write, killed inside it
     assert all(r["took_over"] for r in results), results  # the dead trainer's lock, taken over and logged
+
+
+def test_kill9_of_the_whole_pipeline_in_the_tokenizer_child_and_an_archive_write_then_a_rerun_ends_as_uninterrupted(
+        tmp_path):
+    """The CI share of kill9_trials.py --pipeline (MVLM-GPT2 only; the 10-trial set kills every stage of
+    both models: RELIABILITY.md): weights and .gguf identical to an uninterrupted run's, every stage
+    finished, SHA256SUMS verifying, the report whole, nothing left behind."""
+    pipeline = kill9.kill9_pipeline
+    results = pipeline.run_pipeline_trials(tmp_path, 2, 4, "gpt2", ("tokenizer child", "archive write"))
+    assert all(r["passed"] for r in results), [pipeline.describe(r) for r in results]
+    assert [r["landed"] for r in results] == ["tokenizer child", "archive write"], [pipeline.describe(r) for r in results]
+    assert results[0]["took_over"]  # the dead trainer's and tokenizer build's locks, taken over and logged
 
 
 def wait_for_step(proc, history, step):

@@ -1,8 +1,8 @@
 """EnhancedPrioritaryTrainer: Enhanced SIM-ONE on the shared training engine.
 
 It builds what is specific to SIM-ONE (the seeded tokenizer, the model, the composite
-objective and batches that carry parallel-verse pairs) and hands them to
-mvlm_engine.trainer.fit, the repository's one training loop. On a GPU the engine's defaults
+objective and batches that carry parallel-verse pairs) as the TrainingTask that enhanced_train.py
+hands to mvlm_engine.trainer.fit, the repository's one training loop. On a GPU the engine's defaults
 are the H100/H200 settings: bf16 autocast, torch.compile and fused AdamW.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mvlm_engine.parallel_verses import EncodedPairs, ParallelVerses, encode_pad
 from mvlm_engine.runtime import Runtime, sdpa_backend_name
 from mvlm_engine.shards import prepare_token_data
 from mvlm_engine.tokenizer import eos_id, save_hf_tokenizer
-from mvlm_engine.trainer import TrainingTask, fit
+from mvlm_engine.trainer import TrainingTask
 from release import GENERATION_DEFAULTS
 from simone_transformer import SimOneModel
 from simone_transformer.hf_model import save_pretrained_dir
@@ -124,11 +124,6 @@ class EnhancedPrioritaryTrainer:
                             non_embedding_params=model.count_parameters(True),
                             export=lambda out: export(model, data.tokenizer_path, cfg.block_size, out))
         return task, data
-
-    def train(self) -> dict:
-        """Run the whole training; returns the engine's run summary."""
-        task, data = self.build_task()
-        return fit(self.cfg, task, self.runtime, data)
 
 
 def flops_per_token(objective: CompositeObjective, cfg: PrioritaryConfig) -> float:

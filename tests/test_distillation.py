@@ -168,6 +168,9 @@ def bad_copy(folder, tmp_path, damage: str):
         first, second = sorted(vocab, key=vocab.get)[300:302]
         vocab[first], vocab[second] = vocab[second], vocab[first]
         (copy / "tokenizer.json").write_text(json.dumps(data))
+    elif damage == "tampered":  # modelling code that is not the repository's (release/trust.py)
+        with open(copy / "hf_model.py", "a") as handle:
+            handle.write("\nraise SystemExit('a teacher folder ran its own code')\n")
     else:  # one weight NaN
         tensors = load_file(str(copy / "model.safetensors"))
         name = next(k for k, t in tensors.items() if t.is_floating_point())
@@ -186,6 +189,14 @@ def test_bad_teachers_are_refused_in_one_line_before_training(small_corpus, gpt2
         proc = run_script(*gpt2_args(small_corpus, out, 4, "--teachers", *teachers, "--distill_weight", 1))
         assert_one_line_error(proc, "--teachers", needle)
         assert not (out / "checkpoints").exists()
+    tampered = bad_copy(simone_teacher, tmp_path, "tampered")
+    assert_one_line_error(run_script(*gpt2_args(small_corpus, tmp_path / "t", 4, "--teachers", tampered,
+                                                "--distill_weight", 1)), "--teachers", "hf_model.py differs")
+    # --trust_folder_code passes the check (with a warning); the next check, the tokenizer's, refuses it.
+    trusted = run_script(*gpt2_args(small_corpus, tmp_path / "t", 4, "--teachers", tampered, "--distill_weight", 1,
+                                    "--trust_folder_code"))
+    assert_one_line_error(trusted, "another tokenizer")
+    assert "WARNING: --trust_folder_code: loading" in trusted.stdout
     # GPT-2's tokenizer is not SIM-ONE's (it keeps its quality seeds as single tokens).
     assert_one_line_error(run_script(*simone_args(small_corpus, tmp_path / "s", 4, "--teachers", gpt2_teacher,
                                                   "--distill_weight", 1)), "another tokenizer")

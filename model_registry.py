@@ -13,6 +13,7 @@ writes a save_pretrained folder), then one ModelSpec in MODELS (docs/ARCHITECTUR
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -196,6 +197,9 @@ def kind_of_folder(folder: Path) -> FolderKind | None:
 
 
 def resolve(reference: str):
-    """The object a "module:attribute" string names."""
+    """The object a "module:attribute" string names. A trainer script beside this file (not part of
+    the installed packages) imports from any process, SIM-ONE's trainer or an installed tool too."""
     module, _, attribute = reference.partition(":")
+    if (REPO / f"{module}.py").is_file() and str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
     return getattr(importlib.import_module(module), attribute)

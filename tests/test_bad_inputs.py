@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import conftest
 from conftest import GPT2_TRAINER, PREPARE, REPO, SIMONE_TRAINER, assert_one_line_error, import_script, run_script
+from mvlm_engine.averaging import AVERAGE_FILE
 from mvlm_engine.cli import run_cli
 
 pytestmark = pytest.mark.e2e  # it trains the shared tiny models it damages
@@ -68,6 +69,10 @@ def drop_weights_metadata(folder: Path) -> None:
     save_file(load_file(folder / "model.safetensors"), folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def without_data_and_average(state: dict) -> dict:
+    return {**{k: v for k, v in state.items() if k != "average"}, "data": {}}
+
+
 def edit_json(path: Path, edit) -> None:
     value = json.loads(path.read_text())
     result = edit(value)
@@ -79,8 +84,9 @@ CHECKPOINT_DAMAGE = {
     "state_edited_step": lambda f: edit_json(f / "trainer_state.json", lambda s: s.update(step=149)),
     "state_list": lambda f: (f / "trainer_state.json").write_text("[]"),
     "state_binary": lambda f: (f / "trainer_state.json").write_bytes(b"\x89PNG\x00\xff"),
-    "old_checkpoint_data_gone": lambda f: (edit_json(f / "trainer_state.json", lambda s: s.update(data={})),
-                                           drop_weights_metadata(f)),
+    # a checkpoint from before the data position, the weights' metadata and the weight average were saved
+    "old_checkpoint_data_gone": lambda f: (edit_json(f / "trainer_state.json", without_data_and_average),
+                                           drop_weights_metadata(f), (f / AVERAGE_FILE).unlink(missing_ok=True)),
     "weights_truncated": lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:999]),
     "optimizer_garbage": lambda f: (f / "optimizer.pt").write_bytes(b"not a torch file"),
     "rng_garbage": lambda f: torch.save({"torch": torch.zeros(3)}, f / "rng_state.pt"),

@@ -6,6 +6,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,84 @@ def import_script(path: Path, name: str):
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------- tiny folders in the trainers' formats (random weights; the GGUF tests)
+
+# Texts of a 300-token BPE tokenizer with awkward characters in it.
+TOKENIZER_TEXTS = ["In the beginning God created the heaven and the earth.",
+                   "And the earth was without form, and void; and darkness was upon the face of the deep.",
+                   "For God so loved the world, that he gave his only begotten Son.",
+                   "Jesus wept. 12 tribes, 144000 sealed: “Holy, holy, holy”!"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    from mvlm_engine.tokenizer import save_tokenizer, train_bpe
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    save_tokenizer(train_bpe(TOKENIZER_TEXTS, vocab_size=300), path)
+    return path
+
+
+def vocab_size_of(tokenizer_file):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tokenizer_file, tmp_path_factory):
+    """What mvlm_trainer.py saves: a tied GPT2LMHeadModel plus its tokenizer (random weights)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from mvlm_engine.tokenizer import eos_id, hf_tokenizer, load_tokenizer
+    torch.manual_seed(0)
+    eos = eos_id(load_tokenizer(tokenizer_file))
+    config = GPT2Config(vocab_size=vocab_size_of(tokenizer_file), n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("gpt2") / "mvlm_gpt2"
+    GPT2LMHeadModel(config).save_pretrained(out)
+    hf_tokenizer(tokenizer_file, model_max_length=64).save_pretrained(out)
+    return out
+
+
+def save_simone(tokenizer_file, out, **overrides):
+    """What enhanced_train.py saves, with random weights; ffn 80 leaves ffn_down rows unquantizable.
+
+    The trainer's own steps: modelling folder, tokenizer files, special ids in config.json.
+    """
+    import torch
+    from simone_transformer import SimOneConfig, SimOneModel
+    from simone_transformer.enhanced_model import LLAMA_VALUES
+    from simone_transformer.hf_model import save_pretrained_dir
+    from mvlm_engine.tokenizer import eos_id, hf_tokenizer, load_tokenizer
+    torch.manual_seed(0)
+    settings = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=80, max_seq_len=64,
+                    rope_theta=5e5, tie_embeddings=True, zero_init_head=False, zero_init_proj=False, **LLAMA_VALUES)
+    model = SimOneModel(SimOneConfig.from_dict({**settings, "vocab_size": vocab_size_of(tokenizer_file), **overrides}))
+    save_pretrained_dir(model, out)
+    hf_tokenizer(tokenizer_file, model_max_length=model.config.max_seq_len).save_pretrained(out)
+    eos = eos_id(load_tokenizer(tokenizer_file))
+    config = json.loads((out / "config.json").read_text())
+    config.update(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def simone_dir(tokenizer_file, tmp_path_factory):
+    return save_simone(tokenizer_file, tmp_path_factory.mktemp("simone") / "simone_plain")
+
+
+# ------------------------------------------------------------ a tokenizer of the small corpus (the fault suite)
+
+
+@pytest.fixture(scope="module")
+def tokenized(small_corpus, tmp_path_factory):
+    """(corpus, tokenizer, its file, the cache folder holding it): a 600-token tokenizer of the small
+    corpus. Module scope: some tests build token shards into the cache folder."""
+    from mvlm_engine.corpus import load_corpus
+    from mvlm_engine.tokenizer import get_or_train_tokenizer
+    cache = tmp_path_factory.mktemp("cache")
+    corpus = load_corpus(small_corpus)
+    tokenizer, path = get_or_train_tokenizer(corpus, 600, cache)
+    return corpus, tokenizer, path, cache

@@ -24,7 +24,7 @@ from conftest import TIMEOUT
 from mvlm_engine.isolation import ISOLATE_FROM_REPO, clean_environment
 from simone_transformer import SimOneConfig, SimOneModel
 from simone_transformer.hf_model import SimOneForCausalLM, SimOneHFConfig, save_pretrained_dir
-from test_simone_model import write_tiny_tokenizer
+from helpers.tiny_simone import write_tiny_tokenizer
 
 # Every mechanism that runs inside a block or between blocks, and dropout (the recomputation must
 # draw the same masks).

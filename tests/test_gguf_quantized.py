@@ -20,12 +20,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TEST_VOCAB, assert_one_line_error, run_script
+from conftest import REPO, TEST_VOCAB, assert_one_line_error, run_script, save_simone
 
 gguf = pytest.importorskip("gguf")
 
-from test_gguf import (PROMPT, Pair, export_ok, field, gpt2_dir, held_out_text, perplexities, read_gguf,  # noqa: E402,F401
-                       run_main, save_simone, simone_dir, tokenizer_file)
+from helpers.gguf_files import (PROMPT, Pair, export_ok, field, held_out_text, perplexities,  # noqa: E402
+                                read_gguf, run_main)
 
 Q = gguf.GGMLQuantizationType
 SHIPPED = ("f16", "q8_0", "q4_k_m")

@@ -209,7 +209,7 @@ def test_the_trainer_starts_the_objective_in_training_mode(monkeypatch):
 
 def save_with_tokenizer(model: SimOneModel, folder):
     from mvlm_engine.tokenizer import save_hf_tokenizer
-    from test_simone_model import write_tiny_tokenizer
+    from helpers.tiny_simone import write_tiny_tokenizer
     folder.mkdir(parents=True)
     special_ids = save_hf_tokenizer(write_tiny_tokenizer(folder.parent / f"{folder.name}.json"), 64, folder)
     return save_pretrained_dir(model, folder, special_ids)
@@ -218,7 +218,7 @@ def save_with_tokenizer(model: SimOneModel, folder):
 @pytest.mark.e2e
 def test_a_folder_saved_with_dropout_loads_and_generates_as_without(tmp_path):
     from mvlm_engine.isolation import load_in_clean_interpreter
-    from test_simone_model import assert_same_as_clean_load
+    from helpers.tiny_simone import assert_same_as_clean_load
     plain = simone()
     folder = save_with_tokenizer(with_dropout(plain, **DROPOUT_ON), tmp_path / "model")
     assert json.loads((folder / "config.json").read_text())["dropout"] == 0.3

@@ -43,7 +43,8 @@ def check_llama_cpp_reproduces_transformers(model_dir, corpus_dir, tmp_path, lla
     hf_tokens, cpp_tokens = pair.hf_greedy(prompt, 20), pair.cpp_greedy(prompt, 20)
     assert cpp_tokens == hf_tokens, (pair.tokenizer.decode(hf_tokens), pair.tokenizer.decode(cpp_tokens))
     hf_ppl, cpp_ppl, n_tokens = perplexities(pair, held_out_text(corpus_dir))
-    print(f"\n{json.loads((model_dir / 'config.json').read_text())['model_type']}: greedy {sum(a == b for a, b in zip(hf_tokens, cpp_tokens))}/20 equal; held-out "
+    model_type = json.loads((model_dir / 'config.json').read_text())['model_type']
+    print(f"\n{model_type}: greedy {sum(a == b for a, b in zip(hf_tokens, cpp_tokens))}/20 equal; held-out "
           f"perplexity over {n_tokens} tokens: transformers {hf_ppl:.4f}, llama.cpp {cpp_ppl:.4f} "
           f"({100 * (cpp_ppl / hf_ppl - 1):+.4f}%)")
     assert hf_ppl < TEST_VOCAB / 4  # a trained model, so agreement means something

@@ -148,7 +148,8 @@ def test_an_unknown_format_is_one_line(packaged, tmp_path, capsys):
     from release.package import main as package_main
     models, _ = packaged
     with pytest.raises(SystemExit) as stop:
-        package_main(["--models_dir", str(models), "--download_dir", str(tmp_path / "d"), "--formats", "no_such_format"])
+        package_main(["--models_dir", str(models), "--download_dir", str(tmp_path / "d"),
+                      "--formats", "no_such_format"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and "--formats: invalid choice: 'no_such_format'" in lines[0]
     assert not (tmp_path / "d").exists()
@@ -164,7 +165,8 @@ def test_f16_keeps_a_tensor_float16_cannot_hold_in_float32(gpt2_dir, tmp_path):
     _, tensors = read_gguf(export_ok(model_dir, tmp_path / "m.gguf", "f16"))
     assert tensors["blk.0.ffn_up.weight"].tensor_type == Q.F32
     assert np.array_equal(tensors["blk.0.ffn_up.weight"].data, weights[name].numpy().T)
-    assert tensors["blk.1.ffn_up.weight"].tensor_type == Q.F16 and np.isfinite(tensors["blk.1.ffn_up.weight"].data).all()
+    assert tensors["blk.1.ffn_up.weight"].tensor_type == Q.F16
+    assert np.isfinite(tensors["blk.1.ffn_up.weight"].data).all()
 
 
 def test_a_4_bit_file_without_llama_cpp_python_is_one_line(gpt2_dir, tmp_path, capsys, monkeypatch):
@@ -232,7 +234,8 @@ def check_shipped_files_in_llama_cpp(model_dir, corpus_dir, tmp_path, llama_cpp)
     figures = {dtype: in_llama_cpp(pair, path, llama_cpp, text) for dtype, path in files.items()}
     ppl = {dtype: p for dtype, (p, _) in figures.items()}
     sizes = {dtype: path.stat().st_size for dtype, path in files.items()}
-    print(f"\n{pair.model.config.model_type}: held-out perplexity, transformers {hf_ppl:.4f}; in llama.cpp, " + "; ".join(
+    print(f"\n{pair.model.config.model_type}: held-out perplexity, transformers {hf_ppl:.4f}; in llama.cpp, "
+          + "; ".join(
         f"{d} {p:.4f} ({100 * (p / ppl['f32'] - 1):+.3f}% vs f32), greedy "
         f"{sum(a == b for a, b in zip(hf_tokens, tokens))}/20 equal to transformers, {sizes[d]:,} bytes"
         for d, (p, tokens) in figures.items()))

@@ -114,7 +114,8 @@ def manifest_copy(small_corpus, tmp_path, edit):
     (lambda m, f: m["files"].append({**m["files"][0], "path": "/etc/passwd"}), "outside the corpus folder"),
     (lambda m, f: m["files"].append({**m["files"][0], "path": "../../etc/passwd"}), "outside the corpus folder"),
     (lambda m, f: (f / "KJV" / "43_John.txt").write_text("edited\n"), "43_John.txt has"),
-    (lambda m, f: m["files"][0].pop("bytes") and (f / m["files"][0]["path"]).write_text("x"), "does not match its sha256"),
+    (lambda m, f: m["files"][0].pop("bytes") and (f / m["files"][0]["path"]).write_text("x"),
+     "does not match its sha256"),
 ])
 def test_a_hostile_or_damaged_manifest_is_refused(small_corpus, tmp_path, edit, needle):
     folder = manifest_copy(small_corpus, tmp_path, edit)

@@ -82,8 +82,9 @@ def test_no_load_path_can_unpickle():
     """Every torch.load passes weights_only=True; nothing calls pickle, np.load(allow_pickle) or
     torch.load without it (tests excepted)."""
     offenders = []
-    for path in list(REPO.glob("*.py")) + list(REPO.glob("mvlm_engine/*.py")) + list(REPO.glob("SIM-ONE Training/**/*.py")) \
-            + list(REPO.glob("benchmarks/*.py")) + list(REPO.glob("mvlm_training_dataset_complete/*.py")):
+    for path in list(REPO.glob("*.py")) + list(REPO.glob("mvlm_engine/*.py")) \
+            + list(REPO.glob("SIM-ONE Training/**/*.py")) + list(REPO.glob("benchmarks/*.py")) \
+            + list(REPO.glob("mvlm_training_dataset_complete/*.py")):
         text = path.read_text(encoding="utf-8")
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             if "weights_only=True" not in call:
@@ -115,8 +116,9 @@ def test_every_model_load_is_safetensors_only():
     """A folder's weights never come from a pickled pytorch_model.bin: every model load in the
     repository passes use_safetensors=True (a pipeline: in its model_kwargs)."""
     offenders, seen = [], 0
-    for path in list(REPO.glob("*.py")) + list(REPO.glob("mvlm_engine/*.py")) + list(REPO.glob("SIM-ONE Training/**/*.py")) \
-            + list(REPO.glob("benchmarks/*.py")) + list(REPO.glob("release/*.py")):
+    for path in list(REPO.glob("*.py")) + list(REPO.glob("mvlm_engine/*.py")) \
+            + list(REPO.glob("SIM-ONE Training/**/*.py")) + list(REPO.glob("benchmarks/*.py")) \
+            + list(REPO.glob("release/*.py")):
         for call in model_loads(ast.parse(path.read_text(encoding="utf-8"))):
             seen += 1
             if "'use_safetensors': True" not in ast.unparse(call) and "use_safetensors=True" not in ast.unparse(call):

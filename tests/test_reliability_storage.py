@@ -110,7 +110,8 @@ def test_a_full_disk_in_the_orchestrators_summary_keeps_the_stage_failed_line(sm
                  str(small_disk / "logs"), "--download_dir", str(small_disk / "downloads"), "--preset", "tiny"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_status.value.code == 1 and len(lines) == 1
-    assert "stage 'gpt2' failed" in lines[0] and "training_summary.json not updated: no space left on device" in lines[0]
+    assert "stage 'gpt2' failed" in lines[0]
+    assert "training_summary.json not updated: no space left on device" in lines[0]
 
 
 def test_packaging_and_the_llama_export_on_a_full_disk_are_one_line_and_leave_nothing(small_disk, tmp_path,

@@ -44,4 +44,5 @@ def run(small_corpus, tmp_path, bad_calls, steps=12, make_objective=None, export
         (lambda out: None)
     task = TrainingTask("bigram", objective, lambda m, x: m.logits(x), LMBatches(sampler), 1.0,
                         export=export, config=cfg)
-    return objective, fit(cfg, task, runtime, data), json.loads((tmp_path / "out" / "training_history.json").read_text())
+    summary = fit(cfg, task, runtime, data)
+    return objective, summary, json.loads((tmp_path / "out" / "training_history.json").read_text())

@@ -14,7 +14,7 @@ Newton-Schulz iteration with torch's coefficients on the transposed matrix when 
 decoupled weight decay (`param *= 1 - lr * weight_decay`), and the learning rate scaled by
 adjust_lr_fn ("original": sqrt(max(1, rows / cols))). The iteration runs in bf16 on CUDA, as
 torch's does, and in fp32 on a CPU (optim.use_fp32_newton_schulz_on_cpu explains why), so on a
-CPU the two optimizers agree to rounding (tests/test_speed.py).
+CPU the two optimizers agree to rounding (tests/test_speed_muon.py).
 
 State: each parameter's state holds "momentum_buffer" as torch's does, a view into its
 shape's stacked buffer, so state_dict() has torch.optim.Muon's layout (a checkpoint of either

@@ -142,8 +142,8 @@ def on_alarm(signum, frame):
 def prepare_in_background(model: str, args: argparse.Namespace, work: Path) -> subprocess.Popen:
     """The model's tokenizer and token shards built by its trainer (--prepare_data_only) while
     the other model's rows run, as train_all_models.py does; its rows wait for it."""
-    from measure import REPO
-    script = REPO / "mvlm_trainer.py" if model == "gpt2" else REPO / "SIM-ONE Training" / "enhanced_train.py"
+    from model_registry import MODELS
+    script = MODELS[model].trainer
     flags = {f"--{key}": value for key, value in row_flags(Row("data", model, ""), args).items()}
     command = [sys.executable, str(script), *[str(x) for pair in flags.items() for x in pair], "--output_dir",
                str(work / f"prepare_{model}"), "--device", "cpu", "--prepare_data_only"]  # no CUDA context

@@ -8,9 +8,11 @@ validation, the packaging, an archive write, the archive checks. The phases are 
 own progress: the stage the orchestrator announced on stdout and the staging files each writer
 makes (the corpus's .building folder, the tokenizer child's spec file, the token cache's and the
 archives' PID@host staging names, checkpoints' .tmp- folders, a model's training_history.json).
-The uninterrupted reference run records how long each phase lasted; a trial kills a seeded fraction
-of that time after it enters a seeded occurrence of its phase (writes: the moment their staging
-file appears), and records the phase the kill really landed in.
+The uninterrupted reference run records when each phase began and how long it lasted; a trial kills
+a seeded fraction of that time after it enters a seeded occurrence of its phase (writes: the moment
+their staging file appears), the time scaled by how much faster or slower the trial reached the
+phase than the reference did (the machine's load changes between runs), and at once should the
+phase end before that moment; it records the phase the kill really landed in.
 
 After the kill and the rerun, a trial passes when the rerun exits 0 and: every model's
 model.safetensors and every .gguf are byte-identical to the reference's; training_summary.json
@@ -109,7 +111,7 @@ class WatchedRun:
 
     def __init__(self, command: list[str], root: Path):
         root.mkdir(parents=True, exist_ok=True)
-        self.root, self.stage, self.segments = root, "start", []
+        self.root, self.stage, self.segments, self.started = root, "start", [], time.monotonic()
         self.output = open(root / "pipeline.out", "ab")
         self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -142,7 +144,8 @@ class WatchedRun:
 
 
 def reference_run(root: Path, only: str | None = None) -> list[Segment]:
-    """The uninterrupted run: the files every trial must end with, and how long each phase lasted."""
+    """The uninterrupted run: the files every trial must end with, and when each phase began and ended
+    (seconds from the run's start)."""
     run, deadline = WatchedRun(pipeline_command(root, only), root), time.monotonic() + RUN_TIMEOUT
     while run.proc.poll() is None and time.monotonic() < deadline:
         run.look()
@@ -152,25 +155,37 @@ def reference_run(root: Path, only: str | None = None) -> list[Segment]:
     if run.wait() != 0:
         tail = (root / "pipeline.out").read_text(errors="replace")[-1500:]
         raise RuntimeError(f"the reference run failed; the end of {root / 'pipeline.out'}:\n{tail}")
-    return [s for s in run.segments if s.end > s.start]
+    # Times from the run's start, so a trial can compare its pace with the reference's.
+    return [Segment(s.phase, s.stage, s.start - run.started, s.end - run.started) for s in run.segments
+            if s.end > s.start]
 
 
-def kill_at(run: WatchedRun, phase: str, occurrence: int, delay: float) -> Segment | None:
-    """SIGKILL the run's process group `delay` seconds after it enters the `occurrence`-th (from 0)
-    segment of `phase`; returns the segment it was in at the kill (None: the run ended first)."""
-    seen, entered = 0, None
+def kill_at(run: WatchedRun, aim: Aim) -> Segment | None:
+    """SIGKILL the run's process group inside the `aim.occurrence`-th (from 0) segment of `aim.phase`:
+    `aim.delay` seconds after entering it, scaled by the trial's pace against the reference's (the time
+    each took to reach the segment), or the moment the segment ends if that comes first. Returns the
+    segment it was in at the kill (None: the run ended first)."""
+    seen, entered, delay = 0, None, aim.delay
     while run.proc.poll() is None:
         before = len(run.segments)
         segment = run.look()
-        if entered is None and len(run.segments) > before and segment.phase == phase:
+        if entered is None and len(run.segments) > before and segment.phase == aim.phase:
             seen += 1
-            if seen > occurrence:
-                entered = segment.start
-        if entered is not None and time.monotonic() - entered >= delay:
+            if seen > aim.occurrence:
+                entered = segment
+                delay = aim.delay * pace(segment.start - run.started, aim.reference_offset)
+        if entered is not None and (segment is not entered or time.monotonic() - entered.start >= delay):
             os.killpg(run.proc.pid, signal.SIGKILL)
             return segment
         time.sleep(POLL)
     return None
+
+
+def pace(trial_seconds: float, reference_seconds: float) -> float:
+    """How much slower (>1) or faster the trial reached its aim than the reference, within 4x either way."""
+    if reference_seconds <= 1.0:
+        return 1.0
+    return min(4.0, max(0.25, trial_seconds / reference_seconds))
 
 
 @dataclass
@@ -180,6 +195,7 @@ class Aim:
     fraction: float
     delay: float
     reference_seconds: float = field(default=0.0)
+    reference_offset: float = field(default=0.0)  # seconds from the reference's start to the segment
 
 
 def choose_aim(segments: list[Segment], phase: str, rng: random.Random) -> Aim | None:
@@ -190,7 +206,7 @@ def choose_aim(segments: list[Segment], phase: str, rng: random.Random) -> Aim |
     occurrence = rng.randrange(len(matching))
     seconds = matching[occurrence].end - matching[occurrence].start
     fraction = 0.0 if phase in WRITES else rng.random()
-    return Aim(phase, occurrence, fraction, fraction * seconds, seconds)
+    return Aim(phase, occurrence, fraction, fraction * seconds, seconds, matching[occurrence].start)
 
 
 def tokenizer_children(root: Path) -> list[int]:
@@ -298,7 +314,7 @@ def pipeline_trial(work: Path, reference: Path, segments: list[Segment], phase: 
         return None
     root, started = work / f"trial_{seed}", time.monotonic()
     run = WatchedRun(pipeline_command(root, only), root)
-    landed = kill_at(run, aim.phase, aim.occurrence, aim.delay)
+    landed = kill_at(run, aim)
     code = run.wait()
     debris, orphans = leftovers(root), wait_for_orphans(root)
     problems, log = rerun_problems(root, reference, only)

@@ -12,7 +12,8 @@ The uninterrupted reference run records when each phase began and how long it la
 a seeded fraction of that time after it enters a seeded occurrence of its phase (writes: the moment
 their staging file appears), the time scaled by how much faster or slower the trial reached the
 phase than the reference did (the machine's load changes between runs), and at once should the
-phase end before that moment; it records the phase the kill really landed in.
+phase end before that moment; it records the phase the kill really landed in. A kill that missed its
+phase (it, or the run, ended first) starts over in a clean folder with half the delay, up to three runs.
 
 After the kill and the rerun, a trial passes when the rerun exits 0 and: every model's
 model.safetensors and every .gguf are byte-identical to the reference's; training_summary.json
@@ -23,10 +24,12 @@ its parent is gone).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,9 +316,7 @@ def pipeline_trial(work: Path, reference: Path, segments: list[Segment], phase: 
     if aim is None:
         return None
     root, started = work / f"trial_{seed}", time.monotonic()
-    run = WatchedRun(pipeline_command(root, only), root)
-    landed = kill_at(run, aim)
-    code = run.wait()
+    code, landed, tries = aimed_kill(root, aim, only)
     debris, orphans = leftovers(root), wait_for_orphans(root)
     problems, log = rerun_problems(root, reference, only)
     left = leftovers(root)
@@ -324,7 +325,23 @@ def pipeline_trial(work: Path, reference: Path, segments: list[Segment], phase: 
     return {"seed": seed, "aim": aim, "landed": landed.phase if landed else "after the run ended",
             "stage": landed.stage if landed else "", "killed": killed, "debris": debris, "orphans": orphans,
             "took_over": "[lock] took over" in log, "problems": problems, "passed": killed and not problems,
-            "seconds": time.monotonic() - started}
+            "tries": tries, "seconds": time.monotonic() - started}
+
+
+def aimed_kill(root: Path, aim: Aim, only: str | None, tries: int = 3) -> tuple[int, Segment | None, int]:
+    """Run the pipeline in `root` and kill it as `aim` says. A kill that misses its phase (the phase, or
+    the run, ended first: the machine ran faster than in the reference) starts over in a clean `root`
+    with half the delay, up to `tries` runs. Returns the exit code, the segment killed in, the runs made."""
+    attempt = 1
+    while True:
+        run = WatchedRun(pipeline_command(root, only), root)
+        landed = kill_at(run, aim)
+        code = run.wait()
+        if (landed is not None and landed.phase == aim.phase) or attempt == tries:
+            return code, landed, attempt
+        wait_for_orphans(root)
+        shutil.rmtree(root)
+        aim, attempt = dataclasses.replace(aim, delay=aim.delay / 2), attempt + 1
 
 
 def run_pipeline_trials(work: Path, trials: int, seed: int, only: str | None = None,
@@ -347,6 +364,8 @@ def describe(result: dict) -> str:
     landed = f"{result['landed']} (stage {result['stage']})" if result["stage"] else result["landed"]
     extra = f"; left at the kill: {len(result['debris'])} staging/lock files" if result["debris"] else ""
     extra += f"; {result['orphans']} tokenizer child outlived the kill" if result["orphans"] else ""
+    extra += f"; aimed {result['tries']} times (a kill after its phase ended starts over, half as late)" \
+        if result["tries"] > 1 else ""
     verdict = "PASSED" if result["passed"] else "FAILED: " + "; ".join(result["problems"] or ["not killed"])
     return (f"trial seed {result['seed']}: aimed at {aim.phase} #{aim.occurrence + 1}, {moment}; killed in "
             f"{landed}{extra}; rerun {verdict} ({result['seconds']:.0f} s)")

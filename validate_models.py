@@ -430,7 +430,7 @@ def model_folders(models_dir: Path, names: list[str]) -> list[Path]:
 def validate_folders(folders: list[Path], args: ValidationSettings, started: str) -> list[Report]:
     """Validate each model folder; give each one that passed its model card, from these figures."""
     corpus = load_corpus(args.data_dir)
-    train_verses, val_verses = ParallelVerses(args.data_dir, "train"), ParallelVerses(args.data_dir, "val")
+    train_verses, val_verses = ParallelVerses.of_splits(args.data_dir, ("train", "val"))
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     reports = []
     for folder in folders:

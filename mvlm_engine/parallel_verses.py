@@ -17,28 +17,45 @@ from .corpus import VERSES_NAME
 from .errors import UserError
 
 
+def verses_path(data_dir: str | Path) -> Path:
+    path = Path(data_dir) / VERSES_NAME
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the alignment loss and retrieval metric need it "
+                        "(rebuild the corpus with prepare.py, or set --alignment_weight 0)")
+    return path
+
+
+def read_verses(path: Path) -> dict[str, dict[tuple, dict[str, str]]]:
+    """verses.jsonl as {split: {(book, chapter, verse): {translation: text}}}."""
+    grouped: dict[str, dict[tuple, dict[str, str]]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                record = json.loads(line)
+                key = (record["book"], record["chapter"], record["verse"])
+                grouped.setdefault(record["split"], {}).setdefault(key, {})[record["translation"]] = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{number} is not a verse record; rebuild the corpus") from None
+    return grouped
+
+
 class ParallelVerses:
     """Verses of one split that exist in at least two translations, in a fixed order."""
 
-    def __init__(self, data_dir: str | Path, split: str):
-        path = Path(data_dir) / VERSES_NAME
-        if not path.is_file():
-            raise UserError(f"{path} is missing; the alignment loss and retrieval metric need it "
-                            "(rebuild the corpus with prepare.py, or set --alignment_weight 0)")
-        by_reference: dict[tuple, dict[str, str]] = {}
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                try:
-                    record = json.loads(line)
-                    if record["split"] == split:
-                        key = (record["book"], record["chapter"], record["verse"])
-                        by_reference.setdefault(key, {})[record["translation"]] = record["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{number} is not a verse record; rebuild the corpus") from None
+    def __init__(self, data_dir: str | Path, split: str, grouped: dict | None = None):
+        """`grouped`: read_verses' result, when one read serves several splits (of_splits)."""
+        path = verses_path(data_dir)
+        by_reference = (read_verses(path) if grouped is None else grouped).get(split, {})
         self.references = [key for key, texts in by_reference.items() if len(texts) >= 2]
         self.texts = [by_reference[key] for key in self.references]
         if not self.references:
             raise UserError(f"{path} has no verse of the {split} split in two or more translations")
+
+    @classmethod
+    def of_splits(cls, data_dir: str | Path, splits: tuple[str, ...]) -> list[ParallelVerses]:
+        """One ParallelVerses per split, from one read of verses.jsonl."""
+        grouped = read_verses(verses_path(data_dir))
+        return [cls(data_dir, split, grouped) for split in splits]
 
     def __len__(self) -> int:
         return len(self.references)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_corpus, reexec_in_venv  # noqa: E402
+from common import ensure_corpus, reexec_in_venv  # noqa: E402
 
 from mvlm_engine.config import setting  # noqa: E402  (torch-free)
 

@@ -114,7 +114,7 @@ def gguf_usage(output: Path, generation: dict) -> str:
 def gguf_usage_notes(arch: str, n_ctx: int) -> str:
     """What DOWNLOAD.md may say of a GGUF file: what was checked, and the context limit (a learned
     position table, llama.cpp's "gpt2" architecture, ends there)."""
-    limit = (f"GPT-2's learned positions end there, and llama.cpp (through llama-cpp-python) aborts when prompt "
+    limit = ("GPT-2's learned positions end there, and llama.cpp (through llama-cpp-python) aborts when prompt "
              "and continuation together go past them" if arch == "gpt2" else
              "beyond it the model runs on positions it never saw in training")
     return (f"The context is {n_ctx} tokens, prompt and continuation together: {limit}. The training "
